@@ -1,0 +1,83 @@
+"""Canonical initial weights: one set of numpy arrays that every implementation starts from.
+
+The canonical layout is PyTorch's: conv kernels (out, in, height, width), linear weights
+(out, in), and the first Linear layer reading features flattened in (channel, height, width)
+order. Flax converts to and from this layout once, at its boundary (impls/flax/lenet.py).
+
+Initialisation follows the chapter: d2l's `train_ch6` re-initialises every Conv2d and Linear
+weight with `nn.init.xavier_uniform_`; biases keep PyTorch's default
+(uniform in +-1/sqrt(fan_in)); batch norm starts at gamma 1, beta 0, moving mean 0,
+moving variance 1.
+"""
+
+import numpy as np
+
+# (name, kind, shape) in the order of the forward pass. Batch-norm shapes are the feature count.
+LAYERS = (
+    ("conv1", "conv", (6, 1, 5, 5)),
+    ("bn1", "batch_norm", (6,)),
+    ("conv2", "conv", (16, 6, 5, 5)),
+    ("bn2", "batch_norm", (16,)),
+    ("fc1", "linear", (120, 16 * 4 * 4)),
+    ("bn3", "batch_norm", (120,)),
+    ("fc2", "linear", (84, 120)),
+    ("bn4", "batch_norm", (84,)),
+    ("fc3", "linear", (10, 84)),
+)
+BATCH_NORM_LAYERS = tuple(name for name, kind, _ in LAYERS if kind == "batch_norm")
+
+# Trainable parameters versus state that moves with the model but is not trained.
+PARAMETER_NAMES = tuple(
+    f"{name}.{field}"
+    for name, kind, _ in LAYERS
+    for field in (("gamma", "beta") if kind == "batch_norm" else ("weight", "bias"))
+)
+MOVING_STAT_NAMES = tuple(
+    f"{name}.{field}" for name in BATCH_NORM_LAYERS for field in ("moving_mean", "moving_var")
+)
+# Every key of canonical_weights(), in the order of the forward pass.
+WEIGHT_NAMES = tuple(
+    f"{name}.{field}"
+    for name, kind, _ in LAYERS
+    for field in (
+        ("gamma", "beta", "moving_mean", "moving_var") if kind == "batch_norm" else ("weight", "bias")
+    )
+)
+
+
+def xavier_uniform(rng, shape):
+    """Glorot & Bengio (2010), as torch.nn.init.xavier_uniform_ computes the fans."""
+    receptive_field = int(np.prod(shape[2:]))  # 1 for linear layers
+    fan_in, fan_out = shape[1] * receptive_field, shape[0] * receptive_field
+    bound = np.sqrt(6.0 / (fan_in + fan_out))
+    return rng.uniform(-bound, bound, size=shape)
+
+
+def default_bias(rng, weight_shape):
+    """PyTorch's default Conv2d/Linear bias: uniform in +-1/sqrt(fan_in)."""
+    fan_in = int(np.prod(weight_shape[1:]))
+    bound = 1.0 / np.sqrt(fan_in)
+    return rng.uniform(-bound, bound, size=weight_shape[0])
+
+
+def canonical_weights(seed=0, dtype=np.float32):
+    """All parameters and moving statistics of LeNet, keyed 'layer.field', in PyTorch's layout.
+
+    Drawn in float64 from numpy's Generator and then cast, so that a float32 and a float64 run
+    with the same seed start from the same weights, rounded.
+    """
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):
+        raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for name, kind, shape in LAYERS:
+        if kind == "batch_norm":
+            weights[f"{name}.gamma"] = np.ones(shape)
+            weights[f"{name}.beta"] = np.zeros(shape)
+            weights[f"{name}.moving_mean"] = np.zeros(shape)
+            weights[f"{name}.moving_var"] = np.ones(shape)
+        else:
+            weights[f"{name}.weight"] = xavier_uniform(rng, shape)
+            weights[f"{name}.bias"] = default_bias(rng, shape)
+    return {key: value.astype(dtype) for key, value in weights.items()}

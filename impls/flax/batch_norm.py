@@ -1,0 +1,79 @@
+"""Batch normalization from scratch, Flax NNX edition. Mirror: impls/pytorch/batch_norm.py.
+
+`batch_norm` holds the mathematics, `BatchNorm` the bookkeeping (parameters, moving
+statistics, training versus inference), as in the chapter.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+EPS = 1e-5
+# The chapter's convention: moving = MOMENTUM * moving + (1 - MOMENTUM) * batch.
+# nnx.BatchNorm uses the same convention, but its default is momentum=0.99.
+MOMENTUM = 0.9
+
+
+def batch_norm(X, gamma, beta, moving_mean, moving_var, eps, momentum, training):
+    """Normalise X; return (Y, new moving mean, new moving variance).
+
+    Training normalises with the batch's mean and biased variance and moves the moving
+    statistics towards them; inference normalises with the moving statistics.
+    A pure function: JAX arrays are immutable, so the new statistics are returned.
+    """
+    # JAX/Flax is channels-last: a 4-D batch is NHWC, so a channel's statistics gather
+    # over the batch and both spatial axes, and per-channel vectors broadcast as (1, 1, 1, C).
+    reduce_axes = (0,) if X.ndim == 2 else (0, 1, 2)
+    per_channel = (1, -1) if X.ndim == 2 else (1, 1, 1, -1)
+    if training:
+        mean = X.mean(axis=reduce_axes)
+        # Two passes (subtract the mean, then average the squares), biased: divide by n.
+        var = ((X - mean.reshape(per_channel)) ** 2).mean(axis=reduce_axes)
+        moving_mean = momentum * moving_mean + (1.0 - momentum) * mean
+        moving_var = momentum * moving_var + (1.0 - momentum) * var
+    else:
+        mean, var = moving_mean, moving_var
+    X_hat = (X - mean.reshape(per_channel)) / jnp.sqrt(var.reshape(per_channel) + eps)
+    Y = gamma.reshape(per_channel) * X_hat + beta.reshape(per_channel)
+    # The moving statistics are state, not part of the graph that gradients flow through.
+    return Y, jax.lax.stop_gradient(moving_mean), jax.lax.stop_gradient(moving_var)
+
+
+def check_input(X, num_features, num_dims, training):
+    """Refuse input that batch_norm would silently broadcast into nonsense."""
+    if not jnp.issubdtype(X.dtype, jnp.floating):
+        raise TypeError(f"BatchNorm needs floating-point input, got {X.dtype}")
+    if X.ndim != num_dims:
+        expected = "(batch, features)" if num_dims == 2 else "(batch, height, width, channels)"
+        raise ValueError(f"BatchNorm expects {num_dims}-D input {expected}, got shape {tuple(X.shape)}")
+    if X.shape[-1] != num_features:
+        raise ValueError(f"BatchNorm has {num_features} features, input has {X.shape[-1]} (shape {tuple(X.shape)})")
+    if training and X.size // num_features == 1:
+        # One value per channel has no variance to normalise by; PyTorch's built-in raises
+        # here, and all four implementations follow it (see tests/test_models.py).
+        raise ValueError(f"BatchNorm in training needs more than one value per channel, got shape {tuple(X.shape)}")
+
+
+class BatchNorm(nnx.Module):
+    """The chapter's scratch layer; gamma and beta are trained, the moving statistics are state."""
+
+    def __init__(self, num_features, num_dims, *, dtype=jnp.float32):
+        self.num_features, self.num_dims = num_features, num_dims
+        self.gamma = nnx.Param(jnp.ones(num_features, dtype))
+        self.beta = nnx.Param(jnp.zeros(num_features, dtype))
+        # nnx.BatchStat marks state that is not trained: nnx.Optimizer(wrt=nnx.Param) leaves
+        # it alone, and nnx.state(model) carries it along with the parameters.
+        self.moving_mean = nnx.BatchStat(jnp.zeros(num_features, dtype))
+        self.moving_var = nnx.BatchStat(jnp.ones(num_features, dtype))
+        # The attribute that model.train() / model.eval() set, as for nnx.BatchNorm.
+        self.use_running_average = False
+
+    def __call__(self, X):
+        training = not self.use_running_average
+        check_input(X, self.num_features, self.num_dims, training)
+        Y, moving_mean, moving_var = batch_norm(
+            X, self.gamma.value, self.beta.value, self.moving_mean.value, self.moving_var.value,
+            eps=EPS, momentum=MOMENTUM, training=training)
+        if training:
+            self.moving_mean.value, self.moving_var.value = moving_mean, moving_var
+        return Y

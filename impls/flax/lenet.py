@@ -1,0 +1,123 @@
+"""LeNet with batch normalization, as in the chapter, Flax NNX edition. Mirror: impls/pytorch/lenet.py.
+
+`build_lenet` loads the canonical weights (common/init.py); `export_weights` gives them back.
+The canonical layout is PyTorch's, so both convert, here and nowhere else.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from common.init import BATCH_NORM_LAYERS, WEIGHT_NAMES
+from impls.flax.batch_norm import EPS, MOMENTUM, BatchNorm
+
+NORMS = ("scratch", "builtin")
+
+
+def make_batch_norm(norm, num_features, num_dims, dtype):
+    """The chapter's scratch layer, or Flax's own set to the same momentum, eps and variance."""
+    if norm == "scratch":
+        return BatchNorm(num_features, num_dims, dtype=dtype)
+    # nnx.BatchNorm computes E[x^2] - E[x]^2 by default; the two-pass variance matches the others.
+    return nnx.BatchNorm(num_features, momentum=MOMENTUM, epsilon=EPS, use_fast_variance=False,
+                         dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
+
+
+
+def check_batch(X, training):
+    """One example cannot be normalised over the batch: its features have no variance.
+
+    PyTorch's nn.BatchNorm1d raises; nnx.BatchNorm and the scratch code would divide by
+    sqrt(0 + eps) without a word. All four implementations raise, here, with one message.
+    """
+    if training and X.shape[0] < 2:
+        raise ValueError(f"training needs at least 2 examples per batch for batch norm, got shape {tuple(X.shape)}")
+
+
+class LeNet(nnx.Module):
+    def __init__(self, norm="scratch", dtype=jnp.float32):
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        self.norm = norm
+        # Flax layers need a random key even though build_lenet overwrites every value.
+        rngs = nnx.Rngs(0)
+        layer_dtypes = dict(dtype=dtype, param_dtype=dtype, rngs=rngs)
+        self.conv1 = nnx.Conv(1, 6, kernel_size=(5, 5), padding="VALID", **layer_dtypes)
+        self.bn1 = make_batch_norm(norm, 6, num_dims=4, dtype=dtype)
+        self.conv2 = nnx.Conv(6, 16, kernel_size=(5, 5), padding="VALID", **layer_dtypes)
+        self.bn2 = make_batch_norm(norm, 16, num_dims=4, dtype=dtype)
+        self.fc1 = nnx.Linear(16 * 4 * 4, 120, **layer_dtypes)
+        self.bn3 = make_batch_norm(norm, 120, num_dims=2, dtype=dtype)
+        self.fc2 = nnx.Linear(120, 84, **layer_dtypes)
+        self.bn4 = make_batch_norm(norm, 84, num_dims=2, dtype=dtype)
+        self.fc3 = nnx.Linear(84, 10, **layer_dtypes)
+
+    def __call__(self, X):
+        """X: images (batch, 28, 28, 1), NHWC. Returns logits (batch, 10)."""
+        check_batch(X, training=not self.bn1.use_running_average)
+        X = nnx.avg_pool(nnx.sigmoid(self.bn1(self.conv1(X))), window_shape=(2, 2), strides=(2, 2))
+        X = nnx.avg_pool(nnx.sigmoid(self.bn2(self.conv2(X))), window_shape=(2, 2), strides=(2, 2))
+        # NHWC flattens in (height, width, channel) order; build_lenet permuted fc1's
+        # inputs so that it reads them as PyTorch's fc1 reads (channel, height, width).
+        X = X.reshape(X.shape[0], -1)
+        X = nnx.sigmoid(self.bn3(self.fc1(X)))
+        X = nnx.sigmoid(self.bn4(self.fc2(X)))
+        return self.fc3(X)
+
+
+# Canonical field name -> attribute of the layer, for each kind of batch-norm layer.
+BATCH_NORM_FIELDS = {
+    "scratch": {"gamma": "gamma", "beta": "beta", "moving_mean": "moving_mean", "moving_var": "moving_var"},
+    "builtin": {"gamma": "scale", "beta": "bias", "moving_mean": "mean", "moving_var": "var"},
+}
+
+
+def model_variable(model, canonical_key):
+    """'bn1.gamma' -> model.bn1.scale for nnx.BatchNorm; 'conv1.weight' -> model.conv1.kernel."""
+    layer, field = canonical_key.split(".")
+    if layer in BATCH_NORM_LAYERS:
+        field = BATCH_NORM_FIELDS[model.norm][field]
+    elif field == "weight":
+        field = "kernel"
+    return getattr(getattr(model, layer), field)
+
+
+def to_flax_layout(canonical_key, value):
+    """PyTorch's layout -> Flax's: conv OIHW -> HWIO, linear (out, in) -> (in, out)."""
+    if canonical_key == "fc1.weight":
+        # Also reorder fc1's inputs from PyTorch's (channel, height, width) flatten order
+        # to the (height, width, channel) order in which NHWC features arrive.
+        return value.reshape(120, 16, 4, 4).transpose(2, 3, 1, 0).reshape(16 * 4 * 4, 120)
+    if value.ndim == 4:
+        return value.transpose(2, 3, 1, 0)
+    if value.ndim == 2:
+        return value.T
+    return value
+
+
+def from_flax_layout(canonical_key, value):
+    """The inverse of to_flax_layout."""
+    if canonical_key == "fc1.weight":
+        return value.reshape(4, 4, 16, 120).transpose(3, 2, 0, 1).reshape(120, 16 * 4 * 4)
+    if value.ndim == 4:
+        return value.transpose(3, 2, 0, 1)
+    if value.ndim == 2:
+        return value.T
+    return value
+
+
+def build_lenet(weights, norm="scratch", device=None):
+    """A LeNet holding the canonical weights, in their dtype, on `device` (default: JAX's)."""
+    dtype = weights["conv1.weight"].dtype
+    model = LeNet(norm, dtype=dtype)
+    for key in WEIGHT_NAMES:
+        value = np.ascontiguousarray(to_flax_layout(key, weights[key]))
+        model_variable(model, key).value = jax.device_put(value, device)
+    return model
+
+
+def export_weights(model):
+    """The model's parameters and moving statistics in the canonical layout, as numpy arrays."""
+    return {key: np.ascontiguousarray(from_flax_layout(key, np.asarray(model_variable(model, key).value)))
+            for key in WEIGHT_NAMES}

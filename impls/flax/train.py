@@ -1,0 +1,90 @@
+"""Training step and evaluation, Flax NNX edition (a jitted step). Mirror: impls/pytorch/train.py.
+
+The same small interface in both frameworks lets compare.py and the tests drive either
+without knowing which: select_device, to_device, build_lenet, make_optimizer, train_step,
+predict, loss_and_gradients, synchronize, to_numpy, export_weights.
+"""
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+
+from common.init import PARAMETER_NAMES
+from impls.flax.lenet import build_lenet, export_weights  # noqa: F401 (interface)
+
+FRAMEWORK = "flax"
+LAYOUT = "NHWC"
+
+
+def select_device(request="auto", dtype=np.float32):
+    """'auto' takes the first CUDA GPU when there is one; raises RuntimeError if 'cuda' is not usable."""
+    # JAX computes in float32 unless 64-bit mode is on, whatever dtype it is handed.
+    jax.config.update("jax_enable_x64", np.dtype(dtype) == np.float64 or jax.config.jax_enable_x64)
+    gpus = jax.devices("gpu") if jax.default_backend() == "gpu" else []
+    if request == "cuda" and not gpus:
+        raise RuntimeError(f"JAX sees no usable CUDA GPU (its backend is {jax.default_backend()!r}; "
+                           "pip install 'batchnorm-compare[cuda]' brings JAX's CUDA support)")
+    if request in ("auto", "cuda") and gpus:
+        return gpus[0]
+    return jax.devices("cpu")[0]
+
+
+def device_description(device):
+    return f"cuda:{device.id} ({device.device_kind})" if device.platform == "gpu" else "cpu"
+
+
+def to_device(images, labels, device, dtype):
+    """numpy batch -> arrays on `device`; images in the model's dtype, labels int32."""
+    # JAX's integers are 32-bit unless 64-bit mode is on; int32 holds the labels either way.
+    return jax.device_put(np.asarray(images, dtype), device), jax.device_put(labels.astype(np.int32), device)
+
+
+def make_optimizer(model, lr):
+    # wrt=nnx.Param: SGD updates gamma and beta, never the nnx.BatchStat moving statistics.
+    return nnx.Optimizer(model, optax.sgd(lr), wrt=nnx.Param)
+
+
+def loss_function(model, images, labels):
+    logits = model(images)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return loss, logits
+
+
+@nnx.jit
+def train_step(model, optimizer, images, labels):
+    """One SGD step in training mode. Returns (summed loss, number correct) as device scalars."""
+    # Gradients with respect to nnx.Param only; the moving statistics are updated as a side
+    # effect of the forward pass, which nnx.jit carries back into `model`.
+    gradient_function = nnx.value_and_grad(loss_function, argnums=nnx.DiffState(0, nnx.Param), has_aux=True)
+    (loss, logits), gradients = gradient_function(model, images, labels)
+    optimizer.update(model, gradients)
+    # Summed rather than mean, so that a partial last batch weighs what it holds (as d2l counts).
+    return loss * labels.shape[0], (logits.argmax(axis=1) == labels).sum()
+
+
+@nnx.jit
+def predict(model, images):
+    """Logits in whatever mode the model is in (model.eval() for inference)."""
+    return model(images)
+
+
+def loss_and_gradients(model, images, labels):
+    """(loss, logits, {canonical name: gradient}) for one batch, without an update; numpy out."""
+    gradient_function = nnx.value_and_grad(loss_function, argnums=nnx.DiffState(0, nnx.Param), has_aux=True)
+    (loss, logits), gradients = gradient_function(model, images, labels)
+    # The gradients have the parameters' structure and layout: a model made of them exports
+    # them to the canonical layout just as export_weights exports the parameters.
+    gradient_model = nnx.merge(nnx.graphdef(model), gradients, nnx.state(model, nnx.Not(nnx.Param)))
+    gradients = {key: value for key, value in export_weights(gradient_model).items() if key in PARAMETER_NAMES}
+    return to_numpy(loss), to_numpy(logits), gradients
+
+
+def synchronize(model):
+    """Wait until the model's state is computed, so that a clock read next measures the work."""
+    # JAX dispatches asynchronously on every backend, the CPU included.
+    jax.block_until_ready(nnx.state(model))
+
+
+def to_numpy(value):
+    return np.asarray(value)

@@ -1,0 +1,77 @@
+"""Batch normalization from scratch, PyTorch edition. Mirror: impls/flax/batch_norm.py.
+
+`batch_norm` holds the mathematics, `BatchNorm` the bookkeeping (parameters, moving
+statistics, training versus inference), as in the chapter.
+"""
+
+import torch
+from torch import nn
+
+EPS = 1e-5
+# The chapter's convention: moving = MOMENTUM * moving + (1 - MOMENTUM) * batch.
+# PyTorch's nn.BatchNorm weighs the other term: momentum=0.1 there is this 0.9.
+MOMENTUM = 0.9
+
+
+def batch_norm(X, gamma, beta, moving_mean, moving_var, eps, momentum, training):
+    """Normalise X; return (Y, new moving mean, new moving variance).
+
+    Training normalises with the batch's mean and biased variance and moves the moving
+    statistics towards them; inference normalises with the moving statistics.
+    The chapter chose the mode with `torch.is_grad_enabled()`; here the caller says.
+    """
+    # PyTorch is channels-first: a 4-D batch is NCHW, so a channel's statistics gather
+    # over the batch and both spatial axes, and per-channel vectors broadcast as (1, C, 1, 1).
+    reduce_axes = (0,) if X.ndim == 2 else (0, 2, 3)
+    per_channel = (1, -1) if X.ndim == 2 else (1, -1, 1, 1)
+    if training:
+        mean = X.mean(dim=reduce_axes)
+        # Two passes (subtract the mean, then average the squares), biased: divide by n.
+        var = ((X - mean.reshape(per_channel)) ** 2).mean(dim=reduce_axes)
+        moving_mean = momentum * moving_mean + (1.0 - momentum) * mean
+        moving_var = momentum * moving_var + (1.0 - momentum) * var
+    else:
+        mean, var = moving_mean, moving_var
+    X_hat = (X - mean.reshape(per_channel)) / torch.sqrt(var.reshape(per_channel) + eps)
+    Y = gamma.reshape(per_channel) * X_hat + beta.reshape(per_channel)
+    # The moving statistics are state, not part of the graph that gradients flow through.
+    return Y, moving_mean.detach(), moving_var.detach()
+
+
+def check_input(X, num_features, num_dims, training):
+    """Refuse input that batch_norm would silently broadcast into nonsense."""
+    if not torch.is_floating_point(X):
+        raise TypeError(f"BatchNorm needs floating-point input, got {X.dtype}")
+    if X.ndim != num_dims:
+        expected = "(batch, features)" if num_dims == 2 else "(batch, channels, height, width)"
+        raise ValueError(f"BatchNorm expects {num_dims}-D input {expected}, got shape {tuple(X.shape)}")
+    if X.shape[1] != num_features:
+        raise ValueError(f"BatchNorm has {num_features} features, input has {X.shape[1]} (shape {tuple(X.shape)})")
+    if training and X.numel() // num_features == 1:
+        # One value per channel has no variance to normalise by; PyTorch's built-in raises
+        # here too, and all four implementations follow it (see tests/test_models.py).
+        raise ValueError(f"BatchNorm in training needs more than one value per channel, got shape {tuple(X.shape)}")
+
+
+class BatchNorm(nn.Module):
+    """The chapter's scratch layer; gamma and beta are trained, the moving statistics are state."""
+
+    def __init__(self, num_features, num_dims):
+        super().__init__()
+        self.num_features, self.num_dims = num_features, num_dims
+        self.gamma = nn.Parameter(torch.ones(num_features))
+        self.beta = nn.Parameter(torch.zeros(num_features))
+        # Buffers, unlike the chapter's plain attributes, follow model.to(device) and
+        # are saved in state_dict.
+        self.register_buffer("moving_mean", torch.zeros(num_features))
+        self.register_buffer("moving_var", torch.ones(num_features))
+
+    def forward(self, X):
+        check_input(X, self.num_features, self.num_dims, self.training)
+        # model.train() / model.eval() choose the mode, as for nn.BatchNorm2d.
+        Y, moving_mean, moving_var = batch_norm(
+            X, self.gamma, self.beta, self.moving_mean, self.moving_var,
+            eps=EPS, momentum=MOMENTUM, training=self.training)
+        if self.training:
+            self.moving_mean, self.moving_var = moving_mean, moving_var
+        return Y

@@ -1,0 +1,96 @@
+"""LeNet with batch normalization, as in the chapter, PyTorch edition. Mirror: impls/flax/lenet.py.
+
+`build_lenet` loads the canonical weights (common/init.py); `export_weights` gives them back.
+PyTorch's layout is the canonical one, so both are plain copies.
+"""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.init import BATCH_NORM_LAYERS, WEIGHT_NAMES
+from impls.pytorch.batch_norm import EPS, MOMENTUM, BatchNorm
+
+NORMS = ("scratch", "builtin")
+
+
+def make_batch_norm(norm, num_features, num_dims, dtype):
+    """The chapter's scratch layer, or PyTorch's own set to the same momentum and eps."""
+    if norm == "scratch":
+        return BatchNorm(num_features, num_dims).to(dtype)
+    builtin = nn.BatchNorm2d if num_dims == 4 else nn.BatchNorm1d
+    # PyTorch's momentum weighs the new batch: 1 - 0.9 here is the chapter's 0.9.
+    return builtin(num_features, eps=EPS, momentum=1.0 - MOMENTUM, dtype=dtype)
+
+
+
+def check_batch(X, training):
+    """One example cannot be normalised over the batch: its features have no variance.
+
+    PyTorch's nn.BatchNorm1d raises; nnx.BatchNorm and the scratch code would divide by
+    sqrt(0 + eps) without a word. All four implementations raise, here, with one message.
+    """
+    if training and X.shape[0] < 2:
+        raise ValueError(f"training needs at least 2 examples per batch for batch norm, got shape {tuple(X.shape)}")
+
+
+class LeNet(nn.Module):
+    def __init__(self, norm="scratch", dtype=torch.float32):
+        super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        self.norm = norm
+        self.conv1 = nn.Conv2d(1, 6, kernel_size=5, dtype=dtype)
+        self.bn1 = make_batch_norm(norm, 6, num_dims=4, dtype=dtype)
+        self.conv2 = nn.Conv2d(6, 16, kernel_size=5, dtype=dtype)
+        self.bn2 = make_batch_norm(norm, 16, num_dims=4, dtype=dtype)
+        self.fc1 = nn.Linear(16 * 4 * 4, 120, dtype=dtype)
+        self.bn3 = make_batch_norm(norm, 120, num_dims=2, dtype=dtype)
+        self.fc2 = nn.Linear(120, 84, dtype=dtype)
+        self.bn4 = make_batch_norm(norm, 84, num_dims=2, dtype=dtype)
+        self.fc3 = nn.Linear(84, 10, dtype=dtype)
+
+    def forward(self, X):
+        """X: images (batch, 1, 28, 28), NCHW. Returns logits (batch, 10)."""
+        check_batch(X, training=self.training)
+        X = F.avg_pool2d(torch.sigmoid(self.bn1(self.conv1(X))), kernel_size=2, stride=2)
+        X = F.avg_pool2d(torch.sigmoid(self.bn2(self.conv2(X))), kernel_size=2, stride=2)
+        # NCHW flattens in (channel, height, width) order: the canonical order.
+        X = X.flatten(start_dim=1)
+        X = torch.sigmoid(self.bn3(self.fc1(X)))
+        X = torch.sigmoid(self.bn4(self.fc2(X)))
+        return self.fc3(X)
+
+
+# Canonical field name -> attribute of the layer, for each kind of batch-norm layer.
+BATCH_NORM_FIELDS = {
+    "scratch": {"gamma": "gamma", "beta": "beta", "moving_mean": "moving_mean", "moving_var": "moving_var"},
+    "builtin": {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean", "moving_var": "running_var"},
+}
+
+
+def state_dict_key(canonical_key, norm):
+    """'bn1.gamma' -> 'bn1.weight' for nn.BatchNorm; every other name is already PyTorch's."""
+    layer, field = canonical_key.split(".")
+    if layer in BATCH_NORM_LAYERS:
+        field = BATCH_NORM_FIELDS[norm][field]
+    return f"{layer}.{field}"
+
+
+def build_lenet(weights, norm="scratch", device="cpu"):
+    """A LeNet holding the canonical weights, in their dtype, on `device`."""
+    dtype = torch.from_numpy(weights["conv1.weight"]).dtype
+    model = LeNet(norm, dtype=dtype)
+    state = {state_dict_key(key, norm): torch.from_numpy(np.array(weights[key])) for key in WEIGHT_NAMES}
+    if norm == "builtin":
+        # nn.BatchNorm also counts the batches it has seen; unused with a fixed momentum.
+        state.update({f"{layer}.num_batches_tracked": torch.tensor(0) for layer in BATCH_NORM_LAYERS})
+    model.load_state_dict(state)
+    return model.to(device)
+
+
+def export_weights(model):
+    """The model's parameters and moving statistics in the canonical layout, as numpy arrays."""
+    state = model.state_dict()
+    return {key: state[state_dict_key(key, model.norm)].detach().cpu().numpy().copy() for key in WEIGHT_NAMES}
