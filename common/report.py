@@ -1,0 +1,163 @@
+"""What compare.py shows and keeps: console lines and table, results.json, plots."""
+
+import json
+import os
+import platform
+from importlib.metadata import PackageNotFoundError, version
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+RESULTS = "results.json"
+CURVES = "curves"          # .png and .svg
+DIVERGENCE = "divergence"  # .png and .svg
+# Where a difference is exactly 0, a log-scale plot shows it at this floor instead.
+LOG_FLOOR = 1e-17
+
+
+def environment(devices):
+    def package_version(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+    packages = {name: package_version(name) for name in ("numpy", "torch", "jax", "jaxlib", "flax", "optax")}
+    return {"python": platform.python_version(), **packages,
+            "devices": {framework: describe(framework, device) for framework, device in devices.items()}}
+
+
+def describe(framework, device):
+    from common.harness import framework_of  # noqa: PLC0415 (avoids a cycle at import time)
+    module = next(framework_of(name) for name in ("torch-scratch", "flax-scratch")
+                  if framework_of(name).FRAMEWORK == framework)
+    return module.device_description(device)
+
+
+def print_epoch(name, epoch):
+    tqdm.write(f"{name:14s} epoch {epoch['epoch']:2d}: loss {epoch['train_loss']:.3f}, "
+               f"train acc {epoch['train_acc']:.3f}, test acc {epoch['test_acc']:.3f}")
+
+
+def print_report(results):
+    runs = results["runs"]
+    print()
+    for name, run in runs.items():
+        print(f"== {name} ==")
+        if run["epochs"]:
+            last = run["epochs"][-1]
+            # The chapter's two lines.
+            print(f"loss {last['train_loss']:.3f}, train acc {last['train_acc']:.3f}, test acc {last['test_acc']:.3f}")
+        print(f"{run['examples_per_sec']:.1f} examples/sec on {run['device']}")
+        print(f"compile/warm-up {run['compile_seconds']:.2f} s, wall {run['wall_seconds']:.1f} s")
+        if run["diverged_at_step"]:
+            print(f"DIVERGED: loss not finite at step {run['diverged_at_step']}")
+        print(f"first BN layer gamma {format_vector(run['first_bn']['gamma'])}")
+        print(f"first BN layer beta  {format_vector(run['first_bn']['beta'])}")
+        print()
+
+    print("How far the implementations drift apart (max abs difference, after each epoch):")
+    for entry in results["divergence"]:
+        a, b = entry["pair"]
+        params = " ".join(f"{value:.1e}" for value in entry["max_abs_param_diff"])
+        logits = " ".join(f"{value:.1e}" for value in entry["max_abs_test_logit_diff"])
+        print(f"  {a} vs {b}\n    parameters:  {params}\n    test logits: {logits}")
+    if any("torch-builtin" in entry["pair"] for entry in results["divergence"]):
+        print("  (torch-builtin's test logits also differ because nn.BatchNorm keeps an unbiased\n"
+              "   running variance, n/(n-1) times the others'; the parameters are unaffected)")
+
+    print()
+    print(summary_table(results))
+
+
+def format_vector(values):
+    return "[" + ", ".join(f"{value:.4f}" for value in values) + "]"
+
+
+def summary_table(results):
+    header = ("implementation", "loss", "train acc", "test acc", "examples/sec", "compile s", "wall s", "device")
+    rows = []
+    for name, run in results["runs"].items():
+        last = run["epochs"][-1] if run["epochs"] else None
+        rows.append((
+            name,
+            f"{last['train_loss']:.3f}" if last else "-",
+            f"{last['train_acc']:.3f}" if last else "-",
+            f"{last['test_acc']:.3f}" if last else "-",
+            f"{run['examples_per_sec']:.1f}",
+            f"{run['compile_seconds']:.2f}",
+            f"{run['wall_seconds']:.1f}",
+            run["device"] + (f"  DIVERGED at step {run['diverged_at_step']}" if run["diverged_at_step"] else ""),
+        ))
+    widths = [max(len(str(row[i])) for row in (header, *rows)) for i in range(len(header))]
+    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip()
+             for row in (header, *rows)]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def remove_stale_results(out):
+    """An earlier, complete results.json in `out` must not pass for this run's if it is interrupted."""
+    path = os.path.join(out, RESULTS)
+    if os.path.exists(path):
+        os.remove(path)
+
+
+def write_all(results, out):
+    """Plots first, results.json last and atomically: its presence means the run completed."""
+    paths = plot_curves(results, out) + plot_divergence(results, out)
+    path = os.path.join(out, RESULTS)
+    temporary = path + ".partial"
+    with open(temporary, "w") as file:
+        json.dump(results, file, indent=2, allow_nan=True)
+    os.replace(temporary, path)
+    return [path, *paths]
+
+
+def save(figure, out, stem):
+    paths = []
+    for suffix in (".png", ".svg"):
+        path = os.path.join(out, stem + suffix)
+        figure.savefig(path + ".partial", format=suffix[1:], dpi=120, bbox_inches="tight")
+        os.replace(path + ".partial", path)
+        paths.append(path)
+    plt.close(figure)
+    return paths
+
+
+def plot_curves(results, out):
+    """The chapter's figure: train loss, train accuracy and test accuracy per epoch, for each."""
+    figure, axes = plt.subplots(1, 3, figsize=(14, 4), constrained_layout=True)
+    metrics = (("train_loss", "train loss"), ("train_acc", "train accuracy"), ("test_acc", "test accuracy"))
+    for axis, (key, title) in zip(axes, metrics):
+        for index, (name, run) in enumerate(results["runs"].items()):
+            epochs = [entry["epoch"] for entry in run["epochs"]]
+            # Equal numbers would hide one line under another: alternate solid and dashed.
+            axis.plot(epochs, [entry[key] for entry in run["epochs"]], marker="o", label=name,
+                      linestyle="-" if index % 2 == 0 else "--")
+        axis.set_title(title)
+        axis.set_xlabel("epoch")
+        axis.grid(alpha=0.3)
+    axes[0].legend()
+    config = results["config"]
+    figure.suptitle(f"LeNet + batch norm on Fashion-MNIST: lr {config['lr']}, batch {config['batch_size']}, "
+                    f"{config['dtype']}")
+    return save(figure, out, CURVES)
+
+
+def plot_divergence(results, out):
+    """Per pair, the max abs difference of parameters and of test logits per epoch, log scale."""
+    figure, axes = plt.subplots(1, 2, figsize=(13, 4.5), constrained_layout=True)
+    for axis, key, title in ((axes[0], "max_abs_param_diff", "parameters"),
+                             (axes[1], "max_abs_test_logit_diff", "test-set logits (inference mode)")):
+        for entry in results["divergence"]:
+            values = [max(value, LOG_FLOOR) for value in entry[key]]
+            axis.plot(range(1, len(values) + 1), values, marker="o", label=" vs ".join(entry["pair"]))
+        axis.set_yscale("log")
+        axis.set_title(f"max abs difference: {title}")
+        axis.set_xlabel("epoch")
+        axis.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=8)
+    return save(figure, out, DIVERGENCE)
