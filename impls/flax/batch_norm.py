@@ -72,8 +72,8 @@ class BatchNorm(nnx.Module):
         training = not self.use_running_average
         check_input(X, self.num_features, self.num_dims, training)
         Y, moving_mean, moving_var = batch_norm(
-            X, self.gamma.value, self.beta.value, self.moving_mean.value, self.moving_var.value,
+            X, self.gamma[...], self.beta[...], self.moving_mean[...], self.moving_var[...],
             eps=EPS, momentum=MOMENTUM, training=training)
         if training:
-            self.moving_mean.value, self.moving_var.value = moving_mean, moving_var
+            self.moving_mean[...], self.moving_var[...] = moving_mean, moving_var
         return Y

@@ -113,11 +113,13 @@ def build_lenet(weights, norm="scratch", device=None):
     model = LeNet(norm, dtype=dtype)
     for key in WEIGHT_NAMES:
         value = np.ascontiguousarray(to_flax_layout(key, weights[key]))
-        model_variable(model, key).value = jax.device_put(value, device)
+        # set_value replaces the array, dtype included: nnx.BatchNorm creates its running
+        # statistics in float32 whatever param_dtype says, and a float64 run needs float64.
+        model_variable(model, key).set_value(jax.device_put(value, device))
     return model
 
 
 def export_weights(model):
     """The model's parameters and moving statistics in the canonical layout, as numpy arrays."""
-    return {key: np.ascontiguousarray(from_flax_layout(key, np.asarray(model_variable(model, key).value)))
+    return {key: np.ascontiguousarray(from_flax_layout(key, np.asarray(model_variable(model, key)[...])))
             for key in WEIGHT_NAMES}

@@ -1,0 +1,46 @@
+import jax
+import pytest
+
+from common.data import load_fashion_mnist
+
+# The parity suite compares float64 results; JAX computes in float32 unless 64-bit mode is on.
+# Every float32 test passes its dtype explicitly, so turning it on does not change those.
+jax.config.update("jax_enable_x64", True)
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist():
+    """The real data (CI installs dataset-fashion-mnist): a failure here means it is missing."""
+    return load_fashion_mnist()
+
+
+@pytest.fixture(scope="session")
+def first_batch(fashion_mnist):
+    """The first training batch of epoch 1 (seed 0, batch 256) in the shared order, NCHW."""
+    from common.data import train_batches
+    train_images, train_labels, _, _ = fashion_mnist
+    return next(train_batches(train_images, train_labels, 256, seed=0, epoch=1))
+
+
+def _trajectories(fashion_mnist, dtype, steps):
+    from common.init import canonical_weights
+    from tests.support import NAMES, trajectory
+    train_images, train_labels, _, _ = fashion_mnist
+    weights = canonical_weights(0, dtype)
+    return {name: trajectory(name, weights, train_images, train_labels, steps) for name in NAMES}
+
+
+TRAJECTORY_STEPS = 100
+
+
+@pytest.fixture(scope="session")
+def trajectories_float64(fashion_mnist):
+    """All four trained TRAJECTORY_STEPS steps (chapter's settings) in float64: {name: (losses, weights per step, (module, model, device))}."""
+    import numpy as np
+    return _trajectories(fashion_mnist, np.float64, TRAJECTORY_STEPS)
+
+
+@pytest.fixture(scope="session")
+def trajectories_float32(fashion_mnist):
+    import numpy as np
+    return _trajectories(fashion_mnist, np.float32, TRAJECTORY_STEPS)

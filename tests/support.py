@@ -1,0 +1,44 @@
+"""Driving the four implementations from tests, through the interface compare.py uses."""
+
+import numpy as np
+
+from common.data import to_layout, train_batches
+from common.harness import IMPLEMENTATIONS, framework_of
+from common.init import MOVING_STAT_NAMES, PARAMETER_NAMES
+
+NAMES = tuple(IMPLEMENTATIONS)
+
+
+def build(name, weights):
+    """(train module, model) for one implementation, on the CPU, holding `weights`."""
+    module = framework_of(name)
+    device = module.select_device("cpu", weights["conv1.weight"].dtype)
+    return module, module.build_lenet(weights, IMPLEMENTATIONS[name][1], device), device
+
+
+def inputs(module, device, images, labels, dtype):
+    return module.to_device(to_layout(images, module.LAYOUT), labels, device, dtype)
+
+
+def trajectory(name, weights, train_images, train_labels, steps, batch_size=256, seed=0, lr=1.0):
+    """Train `steps` SGD steps on the shared batch order; per-step loss and weights every step."""
+    module, model, device = build(name, weights)
+    dtype = weights["conv1.weight"].dtype
+    optimizer = module.make_optimizer(model, lr)
+    model.train()
+    losses, snapshots = [], []
+    batches = train_batches(train_images, train_labels, batch_size, seed, epoch=1, layout=module.LAYOUT)
+    for _, (images, labels) in zip(range(steps), batches):
+        X, y = module.to_device(images, labels, device, dtype)
+        loss_sum, _ = module.train_step(model, optimizer, X, y)
+        losses.append(float(loss_sum) / len(labels))
+        snapshots.append(module.export_weights(model))
+    return np.array(losses), snapshots, (module, model, device)
+
+
+def max_difference(a, b, keys):
+    """The largest abs difference over the named arrays of two canonical weight dicts, and where."""
+    return max((float(np.max(np.abs(a[key].astype(np.float64) - b[key]))), key) for key in keys)
+
+
+__all__ = ["NAMES", "PARAMETER_NAMES", "MOVING_STAT_NAMES", "build", "inputs", "trajectory", "max_difference"]

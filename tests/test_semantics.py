@@ -1,0 +1,249 @@
+"""Every semantic difference between the frameworks, pinned (see the table in README.md).
+
+Each test states what one framework does, so that it fails the day either side changes --
+and with it the settings that make the four implementations agree.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from common.init import BATCH_NORM_LAYERS, canonical_weights
+from impls.flax import batch_norm as flax_bn
+from impls.flax import lenet as flax_lenet
+from impls.pytorch import batch_norm as torch_bn
+from tests.conftest import TRAJECTORY_STEPS
+from tests.layers import LAYERS, numpy_batch_norm, to_nhwc
+from tests.support import build, inputs
+from tests.tolerances import FLOAT64_PASS, FLOAT64_TRAJECTORY, assert_close
+
+RNG = np.random.default_rng(42)
+BATCH_2D = 3.0 + 2.0 * RNG.standard_normal((32, 5))
+BATCH_4D = 3.0 + 2.0 * RNG.standard_normal((8, 3, 6, 6))
+
+
+def moving_stats_after_one_update(name, X):
+    gamma, beta = np.ones(X.shape[1]), np.zeros(X.shape[1])
+    _, _, moving_mean, moving_var = LAYERS[name]([X], gamma, beta, np.zeros_like(X))
+    return moving_mean, moving_var
+
+
+def batch_statistics(X):
+    axes = (0,) if X.ndim == 2 else (0, 2, 3)
+    return X.mean(axis=axes), X.var(axis=axes), X.size // X.shape[1]
+
+
+# --- momentum ----------------------------------------------------------------------------------
+
+def test_the_chapter_momentum_weighs_the_old_statistics():
+    assert torch_bn.MOMENTUM == flax_bn.MOMENTUM == 0.9
+    assert torch_bn.EPS == flax_bn.EPS == 1e-5
+    mean, var, _ = batch_statistics(BATCH_2D)
+    for name in ("torch-scratch", "flax-scratch", "flax-builtin"):
+        moving_mean, moving_var = moving_stats_after_one_update(name, BATCH_2D)
+        # From (0, 1): moving = 0.9 * old + 0.1 * batch.
+        np.testing.assert_allclose(moving_mean, 0.1 * mean, rtol=1e-12, err_msg=name)
+        np.testing.assert_allclose(moving_var, 0.9 + 0.1 * var, rtol=1e-12, err_msg=name)
+
+
+def test_pytorch_momentum_weighs_the_new_batch():
+    """nn.BatchNorm: running = (1 - m) * running + m * batch. Its m=0.1 is the chapter's 0.9."""
+    mean, _, _ = batch_statistics(BATCH_2D)
+    layer = torch.nn.BatchNorm1d(5, momentum=0.25, dtype=torch.float64)
+    layer(torch.from_numpy(BATCH_2D))
+    np.testing.assert_allclose(layer.running_mean.numpy(), 0.25 * mean, rtol=1e-12)
+    assert torch.nn.BatchNorm1d(5).momentum == 0.1
+    model = build("torch-builtin", canonical_weights(0))[1]
+    assert all(getattr(model, layer).momentum == pytest.approx(1 - torch_bn.MOMENTUM) for layer in BATCH_NORM_LAYERS)
+
+
+def test_flax_momentum_weighs_the_old_statistics_with_default_0_99():
+    mean, _, _ = batch_statistics(BATCH_2D)
+    layer = nnx.BatchNorm(5, momentum=0.25, use_fast_variance=False, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+    layer.mean.set_value(jnp.zeros(5, jnp.float64))
+    layer(jnp.asarray(BATCH_2D))
+    np.testing.assert_allclose(np.asarray(layer.mean[...]), 0.75 * mean, rtol=1e-12)
+    assert nnx.BatchNorm(5, rngs=nnx.Rngs(0)).momentum == 0.99
+    model = build("flax-builtin", canonical_weights(0))[1]
+    for layer in BATCH_NORM_LAYERS:
+        bn = getattr(model, layer)
+        assert (bn.momentum, bn.epsilon, bn.use_fast_variance) == (flax_bn.MOMENTUM, flax_bn.EPS, False)
+
+
+# --- PyTorch's unbiased running variance --------------------------------------------------------
+
+@pytest.mark.parametrize("X", [BATCH_2D, BATCH_4D], ids=["2-D", "4-D"])
+def test_pytorch_running_variance_is_unbiased_by_exactly_n_over_n_minus_1(X):
+    _, var, n = batch_statistics(X)
+    _, torch_builtin_var = moving_stats_after_one_update("torch-builtin", X)
+    _, scratch_var = moving_stats_after_one_update("torch-scratch", X)
+    np.testing.assert_allclose((torch_builtin_var - 0.9) / (scratch_var - 0.9), n / (n - 1), rtol=1e-12)
+    np.testing.assert_allclose(scratch_var, 0.9 + 0.1 * var, rtol=1e-12)
+
+
+def test_n_over_n_minus_1_relation_holds_after_training(trajectories_float64):
+    """After K steps from variance 1: torch-builtin's (var - 0.9^K) is n/(n-1) times the others'.
+
+    n is the number of values per channel in a batch: 256*24*24 for bn1, 256*8*8 for bn2,
+    256 for bn3 and bn4 (every step of the trajectory has a full batch of 256)."""
+    decay = 0.9 ** TRAJECTORY_STEPS
+    values_per_channel = {"bn1": 256 * 24 * 24, "bn2": 256 * 8 * 8, "bn3": 256, "bn4": 256}
+    unbiased = trajectories_float64["torch-builtin"][1][-1]
+    for name in ("torch-scratch", "flax-scratch", "flax-builtin"):
+        biased = trajectories_float64[name][1][-1]
+        for layer, n in values_per_channel.items():
+            ratio = (unbiased[f"{layer}.moving_var"] - decay) / (biased[f"{layer}.moving_var"] - decay)
+            np.testing.assert_allclose(ratio, n / (n - 1), rtol=1e-9,
+                                       err_msg=f"{layer}: torch-builtin vs {name} moving variance ratio")
+
+
+# --- Flax's fast variance ----------------------------------------------------------------------
+
+def flax_builtin_variance(X, use_fast_variance, dtype):
+    layer = nnx.BatchNorm(X.shape[-1], momentum=0.0, use_fast_variance=use_fast_variance,
+                          dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
+    layer.var.set_value(jnp.zeros(X.shape[-1], dtype))
+    layer(jnp.asarray(X, dtype))
+    return np.asarray(layer.var[...], np.float64)  # momentum 0: the batch variance itself
+
+
+def test_flax_fast_variance_loses_precision_where_two_pass_does_not():
+    """E[x^2] - E[x]^2 cancels catastrophically when the mean is large against the spread."""
+    X = 1000.0 + RNG.standard_normal((256, 8))
+    exact = X.var(axis=0)
+    two_pass = flax_builtin_variance(X, use_fast_variance=False, dtype=jnp.float32)
+    fast = flax_builtin_variance(X, use_fast_variance=True, dtype=jnp.float32)
+    assert np.max(np.abs(two_pass - exact) / exact) < 1e-4
+    # float32 keeps ~7 digits of x^2 ~ 1e6: the variance (~1) comes out wrong by ~10%, or worse.
+    assert np.max(np.abs(fast - exact) / exact) > 1e-2
+    assert nnx.BatchNorm(8, rngs=nnx.Rngs(0)).use_fast_variance is True  # the default
+
+
+def test_flax_fast_variance_is_harmless_on_lenet_activations(first_batch):
+    """How large the difference is where this project uses batch norm: LeNet's first conv output."""
+    images, labels = first_batch
+    module, model, device = build("flax-builtin", canonical_weights(0))
+    X, _ = inputs(module, device, images, labels, np.float32)
+    activations = np.asarray(model.conv1(X), np.float64)
+    two_pass = flax_builtin_variance(activations, False, jnp.float32)
+    fast = flax_builtin_variance(activations, True, jnp.float32)
+    relative = np.max(np.abs(fast - two_pass) / two_pass)
+    assert 0 < relative < 1e-4, f"fast vs two-pass variance on conv1 output: {relative:.2e} relative"
+
+
+# --- layout and the flatten order ------------------------------------------------------------
+
+def test_flatten_order_needs_fc1_permuted(first_batch):
+    """NHWC flattens (h, w, c), NCHW (c, h, w): fc1 must be permuted at the boundary."""
+    images, labels = first_batch
+    weights = canonical_weights(0, np.float64)
+    logits = {}
+    for name in ("torch-scratch", "flax-scratch"):
+        module, model, device = build(name, weights)
+        model.train()
+        logits[name] = module.loss_and_gradients(model, *inputs(module, device, images, labels, np.float64))[1]
+    assert_close("logits", "torch-scratch", logits["torch-scratch"], "flax-scratch", logits["flax-scratch"],
+                 FLOAT64_PASS)
+    # The naive conversion, a plain transpose, reads the features in the wrong order.
+    module, model, device = build("flax-scratch", weights)
+    model.fc1.kernel.set_value(jnp.asarray(weights["fc1.weight"].T))
+    model.train()
+    wrong = module.loss_and_gradients(model, *inputs(module, device, images, labels, np.float64))[1]
+    assert np.max(np.abs(wrong - logits["torch-scratch"])) > 1e-2
+
+
+def test_layout_conversions_are_the_known_permutations():
+    weights = canonical_weights(0, np.float64)
+    conv = flax_lenet.to_flax_layout("conv2.weight", weights["conv2.weight"])
+    assert conv.shape == (5, 5, 6, 16)  # OIHW -> HWIO
+    assert conv[1, 2, 3, 4] == weights["conv2.weight"][4, 3, 1, 2]
+    fc1 = flax_lenet.to_flax_layout("fc1.weight", weights["fc1.weight"])
+    # Input feature (h=1, w=2, c=3) of NHWC is feature c*16 + h*4 + w of NCHW.
+    assert fc1[1 * 64 + 2 * 16 + 3, 7] == weights["fc1.weight"][7, 3 * 16 + 1 * 4 + 2]
+
+
+# --- channel statistics on NHWC --------------------------------------------------------------
+
+def test_nhwc_channel_statistics_gather_over_batch_and_space():
+    """Regression: the JAX edition of the chapter reduces NHWC data over axes (0, 2, 3)."""
+    X = 5.0 * np.arange(1, 4).reshape(1, 3, 1, 1) + RNG.standard_normal((8, 3, 6, 6))  # distinct channel means
+    X_nhwc = jnp.asarray(to_nhwc(X))
+    gamma, beta = jnp.ones(3, jnp.float64), jnp.zeros(3, jnp.float64)
+    Y, moving_mean, _ = flax_bn.batch_norm(X_nhwc, gamma, beta, jnp.zeros(3), jnp.ones(3), 1e-5, 0.9, training=True)
+    np.testing.assert_allclose(np.asarray(Y).mean(axis=(0, 1, 2)), 0, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(Y).var(axis=(0, 1, 2)), 1, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(moving_mean), 0.1 * X.mean(axis=(0, 2, 3)), rtol=1e-12)
+    # The mistake, reproduced: over (0, 2, 3) of NHWC, the statistics are per image row, and
+    # the channels, which differ by 5 here, are left far from centred.
+    wrong_mean = X_nhwc.mean(axis=(0, 2, 3), keepdims=True)
+    wrong_std = jnp.sqrt(((X_nhwc - wrong_mean) ** 2).mean(axis=(0, 2, 3), keepdims=True) + 1e-5)
+    wrongly_normalised = np.asarray((X_nhwc - wrong_mean) / wrong_std)
+    assert np.max(np.abs(wrongly_normalised.mean(axis=(0, 1, 2)))) > 0.5
+
+
+# --- training versus inference ---------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["torch-scratch", "torch-builtin", "flax-scratch", "flax-builtin"])
+def test_train_and_eval_switch_the_statistics(name, first_batch):
+    """train(): batch statistics, so an example's output depends on its batch mates.
+    eval(): moving statistics, so it does not; and eval() leaves the moving statistics alone."""
+    images, labels = first_batch
+    module, model, device = build(name, canonical_weights(0, np.float64))
+    whole, part = inputs(module, device, images, labels, np.float64)[0], inputs(module, device, images[:16], labels[:16], np.float64)[0]
+    model.eval()
+    before = module.export_weights(model)
+    np.testing.assert_allclose(module.to_numpy(module.predict(model, part)),
+                               module.to_numpy(module.predict(model, whole))[:16], atol=FLOAT64_PASS)
+    assert all(np.array_equal(before[key], value) for key, value in module.export_weights(model).items())
+    model.train()
+    in_batch = module.to_numpy(module.predict(model, whole))[:16]
+    assert np.max(np.abs(module.to_numpy(module.predict(model, part)) - in_batch)) > 1e-3
+
+
+def test_pytorch_scratch_layer_follows_train_mode_not_grad_mode():
+    """The chapter switched on torch.is_grad_enabled(); here no_grad in train mode still trains."""
+    layer = torch_bn.BatchNorm(5, num_dims=2).double()
+    layer.train()
+    with torch.no_grad():
+        Y = layer(torch.from_numpy(BATCH_2D))
+    np.testing.assert_allclose(Y.numpy().mean(axis=0), 0, atol=1e-12)
+    assert torch.all(layer.moving_mean != 0)
+
+
+# --- defaults this project overrides ---------------------------------------------------------
+
+def test_default_initialisations_differ_and_are_overridden():
+    """PyTorch: kaiming-uniform(a=sqrt 5), i.e. U(+-1/sqrt(fan_in)); Flax: lecun-normal,
+    std 1/sqrt(fan_in), unbounded. build_lenet replaces both with the canonical weights."""
+    torch_weight = torch.nn.Linear(256, 120).weight.detach().numpy()
+    flax_kernel = np.asarray(nnx.Linear(256, 120, rngs=nnx.Rngs(0)).kernel[...])
+    assert np.max(np.abs(torch_weight)) <= 1 / 16
+    assert np.max(np.abs(flax_kernel)) > 1 / 16  # a normal's tails pass the uniform's bound
+    assert abs(flax_kernel.std() - 1 / 16) < 0.1 / 16
+    weights = canonical_weights(0)
+    exported = build("flax-builtin", weights)[0].export_weights(build("flax-builtin", weights)[1])
+    np.testing.assert_array_equal(exported["fc1.weight"], weights["fc1.weight"])
+
+
+def test_flax_builtin_keeps_running_statistics_in_float32_whatever_param_dtype():
+    """nnx.BatchNorm creates mean and var as float32; build_lenet replaces them for float64 runs."""
+    layer = nnx.BatchNorm(4, param_dtype=jnp.float64, dtype=jnp.float64, rngs=nnx.Rngs(0))
+    assert layer.scale[...].dtype == jnp.float64 and layer.mean[...].dtype == jnp.float32
+    model = build("flax-builtin", canonical_weights(0, np.float64))[1]
+    assert model.bn1.mean[...].dtype == jnp.float64
+
+
+def test_reference_matches_pytorch_semantics_table():
+    """The NumPy reference's unbiased switch reproduces nn.BatchNorm exactly; biased the rest."""
+    X = BATCH_4D
+    gamma, beta, cotangent = np.ones(3), np.zeros(3), np.zeros_like(X)
+    for name, unbiased in (("torch-builtin", True), ("flax-builtin", False)):
+        reference = numpy_batch_norm([X], gamma, beta, cotangent, unbiased_running_var=unbiased)
+        np.testing.assert_allclose(moving_stats_after_one_update(name, X)[1], reference[3], rtol=1e-12)
+
+
+def test_jax_is_in_64_bit_mode_for_the_float64_suite():
+    assert jax.config.jax_enable_x64

@@ -1,0 +1,44 @@
+"""Every numerical tolerance of the suite, in one place, each with its reason.
+
+Bounds are absolute, on quantities of order one (normalised activations, logits, losses,
+gradients of a mean loss), unless a test scales them by the magnitude of the reference.
+"""
+
+import numpy as np
+
+# One forward and backward pass of LeNet in float64, the same formula in each framework:
+# a few hundred roundings of 2.2e-16 each, summed over up to 256*24*24 terms in the batch
+# statistics. Measured: about 1e-14. The issue asks for 1e-12.
+FLOAT64_PASS = 1e-12
+
+# The same, in float32 (machine epsilon 1.2e-7): measured about 2e-6 on logits.
+FLOAT32_PASS = 1e-4
+
+# After K SGD steps at lr 1.0 in float64, rounding differences compound through the updates.
+# Measured after 100 steps: about 1e-13 between the scratch layers and nnx.BatchNorm, 4e-11
+# against nn.BatchNorm, whose backward pass sums in another order. The issue asks for 1e-9.
+FLOAT64_TRAJECTORY = 1e-9
+
+# After 100 SGD steps in float32: rounding compounds through lr-1.0 updates and levels off
+# near 1e-4 in the parameters and the loss (measured max 3e-4 and 4e-4). 3x the measurement.
+FLOAT32_TRAJECTORY = 1e-3
+
+# A single batch-norm layer against the NumPy reference, relative to the reference's largest
+# magnitude. Inputs are offset by up to OFFSET_RANGE standard deviations, so subtracting the mean
+# cancels up to that many digits' worth of magnitude: the bound carries that factor.
+OFFSET_RANGE = 10.0
+LAYER_RELATIVE = {np.dtype(np.float64): 1e-12 * OFFSET_RANGE, np.dtype(np.float32): 1e-5 * OFFSET_RANGE}
+
+
+def max_abs_difference(a, b):
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+def assert_close(quantity, name_a, a, name_b, b, bound):
+    """Fail with the quantity, the two implementations and the max difference."""
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.shape == b.shape, f"{quantity}: {name_a} has shape {a.shape}, {name_b} has {b.shape}"
+    difference = max_abs_difference(a, b)
+    assert difference <= bound, (
+        f"{quantity}: {name_a} vs {name_b} differ by up to {difference:.3e} (bound {bound:.1e})")
+    return difference
