@@ -21,6 +21,8 @@ from common.harness import (IMPLEMENTATIONS, evaluate, parse_implementations, se
                             start_run, train_epoch)
 from common.init import PARAMETER_NAMES, canonical_weights
 
+TRAIN_EXAMPLES = 60000  # Fashion-MNIST's training set
+
 
 def positive_int(text):
     try:
@@ -86,11 +88,17 @@ def parse_args(argv=None):
                         help="train on at most N batches per epoch (for quick runs)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    training_batches = -(-60000 // args.batch_size)
+    # Batch norm in training cannot normalise a batch of one example (all four refuse it).
+    if args.batch_size == 1:
+        parser.error("--batch-size 1: batch norm in training needs at least 2 examples per batch")
+    training_batches = -(-TRAIN_EXAMPLES // args.batch_size)
     if args.max_batches is None or args.max_batches >= training_batches:
-        if 60000 % args.batch_size == 1:
+        if TRAIN_EXAMPLES % args.batch_size == 1:
             parser.error(f"--batch-size {args.batch_size} leaves a last training batch of one example, "
                          "which batch norm cannot normalise; choose another batch size")
+    largest = float(np.finfo(args.dtype).max)
+    if args.lr > largest:
+        parser.error(f"--lr {args.lr:g} is beyond the largest {args.dtype} ({largest:.3g})")
     if args.out is None:
         args.out = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     return args

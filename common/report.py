@@ -1,6 +1,7 @@
 """What compare.py shows and keeps: console lines and table, results.json, plots."""
 
 import json
+import math
 import os
 import platform
 from importlib.metadata import PackageNotFoundError, version
@@ -61,6 +62,9 @@ def print_report(results):
     print("How far the implementations drift apart (max abs difference, after each epoch):")
     for entry in results["divergence"]:
         a, b = entry["pair"]
+        if not entry["max_abs_param_diff"]:
+            print(f"  {a} vs {b}: no epoch to compare (a run diverged in its first epoch)")
+            continue
         params = " ".join(f"{value:.1e}" for value in entry["max_abs_param_diff"])
         logits = " ".join(f"{value:.1e}" for value in entry["max_abs_test_logit_diff"])
         print(f"  {a} vs {b}\n    parameters:  {params}\n    test logits: {logits}")
@@ -99,10 +103,22 @@ def summary_table(results):
 
 
 def remove_stale_results(out):
-    """An earlier, complete results.json in `out` must not pass for this run's if it is interrupted."""
-    path = os.path.join(out, RESULTS)
-    if os.path.exists(path):
-        os.remove(path)
+    """An earlier run's results.json and plots in `out` must not pass for this run's if it is interrupted."""
+    for name in (RESULTS, *(stem + suffix for stem in (CURVES, DIVERGENCE) for suffix in (".png", ".svg"))):
+        path = os.path.join(out, name)
+        if os.path.exists(path):
+            os.remove(path)
+
+
+def finite_or_none(value):
+    """JSON has no NaN or infinity: a diverged run's numbers are written as null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(item) for item in value]
+    return value
 
 
 def write_all(results, out):
@@ -111,7 +127,7 @@ def write_all(results, out):
     path = os.path.join(out, RESULTS)
     temporary = path + ".partial"
     with open(temporary, "w") as file:
-        json.dump(results, file, indent=2, allow_nan=True)
+        json.dump(finite_or_none(results), file, indent=2, allow_nan=False)
     os.replace(temporary, path)
     return [path, *paths]
 
@@ -159,5 +175,6 @@ def plot_divergence(results, out):
         axis.set_title(f"max abs difference: {title}")
         axis.set_xlabel("epoch")
         axis.grid(alpha=0.3, which="both")
-    axes[0].legend(fontsize=8)
+    if results["divergence"]:
+        axes[0].legend(fontsize=8)
     return save(figure, out, DIVERGENCE)

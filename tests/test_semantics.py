@@ -63,7 +63,8 @@ def test_pytorch_momentum_weighs_the_new_batch():
 def test_flax_momentum_weighs_the_old_statistics_with_default_0_99():
     mean, _, _ = batch_statistics(BATCH_2D)
     layer = nnx.BatchNorm(5, momentum=0.25, use_fast_variance=False, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
-    layer.mean.set_value(jnp.zeros(5, jnp.float64))
+    layer.mean.set_value(jnp.zeros(5, jnp.float64))  # float32 by default (see below)
+    layer.var.set_value(jnp.ones(5, jnp.float64))
     layer(jnp.asarray(BATCH_2D))
     np.testing.assert_allclose(np.asarray(layer.mean[...]), 0.75 * mean, rtol=1e-12)
     assert nnx.BatchNorm(5, rngs=nnx.Rngs(0)).momentum == 0.99

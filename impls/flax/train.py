@@ -42,7 +42,12 @@ def to_device(images, labels, device, dtype):
 
 def make_optimizer(model, lr):
     # wrt=nnx.Param: SGD updates gamma and beta, never the nnx.BatchStat moving statistics.
-    return nnx.Optimizer(model, optax.sgd(lr), wrt=nnx.Param)
+    optimizer = nnx.Optimizer(model, optax.sgd(lr), wrt=nnx.Param)
+    # Place the optimizer's state where the model is: left uncommitted, it would be committed
+    # by the first step's output, and the second step would trace and compile all over again.
+    placement = model.conv1.kernel[...].sharding
+    nnx.update(optimizer, jax.device_put(nnx.state(optimizer), placement))
+    return optimizer
 
 
 def loss_function(model, images, labels):

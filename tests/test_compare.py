@@ -1,0 +1,511 @@
+"""End-to-end tests of compare.py, run as a subprocess the way a user runs it.
+
+A handful of tiny runs (a few batches each, on the real Fashion-MNIST) are shared by several tests
+through module-scoped fixtures: one run of all four implementations for results.json, the plots and
+the printed report; a float64 run; a second run with the same seed and one with another seed; a run
+whose learning rate makes the loss overflow. Every error path is its own cheap run that must stop
+before training with a clear message and leave no results.json behind. One full-size run is
+interrupted with SIGINT.
+
+All training runs pass --device cpu (except the diverging one, which exercises the default 'auto'),
+so that the numbers and the "on cpu" lines hold on a machine with a GPU too.
+"""
+
+import itertools
+import json
+import math
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ElementTree
+from importlib.metadata import version
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+IMPLS = ["torch-scratch", "torch-builtin", "flax-scratch", "flax-builtin"]
+PAIRS = [list(pair) for pair in itertools.combinations(IMPLS, 2)]
+FLAGS = ["--epochs", "--batch-size", "--lr", "--seed", "--impls", "--dtype", "--device", "--data-dir",
+         "--out", "--max-batches", "--no-progress"]
+TIMING_FIELDS = {"examples_per_sec", "compile_seconds", "wall_seconds", "train_seconds"}
+RUN_TIMEOUT_S = 300  # generous: a tiny run takes about 15 s on a 2-core CPU
+# PyTorch's OpenMP threads spin-wait: with a second busy process on a 2-core machine (another test
+# run, a build) a tiny run measured 40 times slower, 50 s instead of 1.3 s for torch-scratch. One
+# thread keeps these runs quick whatever else runs; the numbers tested do not depend on it.
+ENVIRONMENT = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+
+# The shared tiny run: 2 epochs of 3 batches of 64.
+EPOCHS, MAX_BATCHES, BATCH_SIZE = 2, 3, 64
+TINY = ["--epochs", EPOCHS, "--max-batches", MAX_BATCHES, "--batch-size", BATCH_SIZE, "--no-progress",
+        "--device", "cpu"]
+TRAIN_EXAMPLES = MAX_BATCHES * BATCH_SIZE  # examples seen per epoch
+TEST_EXAMPLES = 10000
+
+# Bounds for the float32 run after 3 SGD steps at lr 1.0 (measured: parameters about 2e-6, logits
+# about 1e-5 among the three with a biased running variance; about 8e-4 against torch-builtin).
+FLOAT32_PARAMS = 1e-3
+FLOAT32_LOGITS = 1e-2
+FLOAT32_LOSS = 1e-4
+# float64 (measured: about 2e-15 on parameters, 1e-14 on logits).
+FLOAT64_DIVERGENCE = 1e-10
+
+
+def run_compare(*args, out=None, timeout=RUN_TIMEOUT_S):
+    """python compare.py ARGS [--out OUT] from the repository root; the CompletedProcess."""
+    command = [sys.executable, "compare.py", *(str(arg) for arg in args)]
+    if out is not None:
+        command += ["--out", str(out)]
+    return subprocess.run(command, cwd=REPO, env=ENVIRONMENT, capture_output=True, text=True, timeout=timeout)
+
+
+def completed(process):
+    """Fail with compare.py's own output when it did not exit 0."""
+    assert process.returncode == 0, (
+        f"compare.py exited {process.returncode}\n--- stdout\n{process.stdout}\n--- stderr\n{process.stderr}")
+    return process
+
+
+def load_results(out):
+    # json.loads accepts the NaN that a diverged run's numbers may hold.
+    return json.loads((Path(out) / "results.json").read_text())
+
+
+def without_timing(value):
+    """results.json with every timing field removed, for comparing two runs."""
+    if isinstance(value, dict):
+        return {key: without_timing(item) for key, item in value.items() if key not in TIMING_FIELDS}
+    if isinstance(value, list):
+        return [without_timing(item) for item in value]
+    return value
+
+
+def report_section(stdout, name):
+    """The lines the report prints under '== name ==', up to the next blank line."""
+    match = re.search(rf"^== {re.escape(name)} ==\n(.*?)\n\n", stdout, re.MULTILINE | re.DOTALL)
+    assert match, f"no section for {name} in the report:\n{stdout}"
+    return match.group(1)
+
+
+def is_finite_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# ---------------------------------------------------------------------------
+# Shared runs
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def jax_compilation_cache(tmp_path_factory):
+    """One JAX compilation cache, new for this module, shared by its runs of compare.py.
+
+    Every run traces anew, but a run whose shapes an earlier one compiled loads the executables
+    (measured: 1.2 s instead of 4.8 s for flax-scratch). The same-seed test thereby also checks
+    that a loaded executable computes what a freshly compiled one did.
+    """
+    ENVIRONMENT.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax-cache")),
+                       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                       JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+@pytest.fixture(scope="module")
+def main_run(tmp_path_factory):
+    """All four implementations, float32, seed 0: (CompletedProcess, out folder, results)."""
+    out = tmp_path_factory.mktemp("main")
+    process = completed(run_compare(*TINY, out=out))
+    return process, out, load_results(out)
+
+
+@pytest.fixture(scope="module")
+def float64_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("float64")
+    completed(run_compare("--impls", "torch-scratch,flax-scratch", "--dtype", "float64", "--epochs", 1,
+                          "--max-batches", 3, "--batch-size", BATCH_SIZE, "--no-progress", "--device", "cpu",
+                          out=out))
+    return load_results(out)
+
+
+@pytest.fixture(scope="module")
+def diverged_run(tmp_path_factory):
+    """lr 1e38 overflows float32 in the second step (measured); lr 1e30 still gives finite losses."""
+    out = tmp_path_factory.mktemp("diverged")
+    process = completed(run_compare("--lr", "1e38", "--max-batches", 5, "--epochs", 1, "--batch-size", BATCH_SIZE,
+                                    "--impls", "torch-builtin,flax-scratch", "--no-progress", out=out))
+    return process, out, load_results(out)
+
+
+@pytest.fixture(scope="module")
+def single_seed1_run(tmp_path_factory):
+    """torch-scratch alone with --seed 1, otherwise the main run's settings."""
+    out = tmp_path_factory.mktemp("seed1")
+    process = completed(run_compare(*TINY, "--impls", "torch-scratch", "--seed", 1, out=out))
+    return process, load_results(out)
+
+
+# ---------------------------------------------------------------------------
+# The main run: exit code, results.json, plots, report
+# ---------------------------------------------------------------------------
+
+
+def test_main_run_config_and_environment(main_run):
+    _, _, results = main_run
+    assert results["config"] == {"epochs": EPOCHS, "batch_size": BATCH_SIZE, "lr": 1.0, "seed": 0,
+                                 "dtype": "float32", "impls": IMPLS, "device": "cpu", "max_batches": MAX_BATCHES}
+    environment = results["environment"]
+    # The subprocess runs this interpreter in this environment: the versions are ours.
+    assert environment["python"] == platform.python_version()
+    for package in ("numpy", "torch", "jax", "flax", "optax"):
+        assert isinstance(environment[package], str)
+        assert environment[package] == version(package)
+    assert environment["devices"] == {"pytorch": "cpu", "flax": "cpu"}
+
+
+def test_main_run_per_implementation_entries(main_run):
+    _, _, results = main_run
+    assert list(results["runs"]) == IMPLS
+    for name, run in results["runs"].items():
+        assert run["device"] == "cpu", name
+        assert run["diverged_at_step"] is None, name
+        assert [entry["epoch"] for entry in run["epochs"]] == list(range(1, EPOCHS + 1)), name
+        for entry in run["epochs"]:
+            assert set(entry) == {"epoch", "train_loss", "train_acc", "test_acc", "train_seconds"}
+            assert all(is_finite_number(entry[key]) for key in entry), (name, entry)
+            # Ten classes, three steps: the loss is of the order of ln 10, not 0 and not huge.
+            assert 0.5 < entry["train_loss"] < 10, (name, entry)
+            assert 0 <= entry["train_acc"] <= 1 and 0 <= entry["test_acc"] <= 1, (name, entry)
+            # Accuracies are counts over the examples seen: 3 batches of 64, and the 10000 test images.
+            assert entry["train_acc"] * TRAIN_EXAMPLES == pytest.approx(round(entry["train_acc"] * TRAIN_EXAMPLES))
+            assert entry["test_acc"] * TEST_EXAMPLES == pytest.approx(round(entry["test_acc"] * TEST_EXAMPLES))
+        seconds = [entry["train_seconds"] for entry in run["epochs"]]
+        assert seconds[0] > 0 and seconds == sorted(seconds), (name, seconds)  # cumulative
+        assert is_finite_number(run["examples_per_sec"]) and run["examples_per_sec"] > 0, name
+        assert is_finite_number(run["compile_seconds"]) and run["compile_seconds"] >= 0, name
+        assert is_finite_number(run["wall_seconds"]) and run["wall_seconds"] > 0, name
+        assert run["wall_seconds"] >= seconds[-1] + run["compile_seconds"], name
+        for key in ("gamma", "beta"):
+            values = run["first_bn"][key]
+            assert len(values) == 6 and all(is_finite_number(value) for value in values), (name, key, values)
+        # Initialised to gamma 1 and beta 0; six SGD steps moved them.
+        assert max(abs(value - 1) for value in run["first_bn"]["gamma"]) > 1e-3, name
+        assert max(abs(value) for value in run["first_bn"]["beta"]) > 1e-3, name
+
+
+def test_main_run_implementations_agree(main_run):
+    """Same initial weights, same batches: the same losses, accuracies and learned BN parameters."""
+    _, _, results = main_run
+    reference = results["runs"]["torch-scratch"]
+    for name in IMPLS[1:]:
+        run = results["runs"][name]
+        for mine, theirs in zip(run["epochs"], reference["epochs"]):
+            assert abs(mine["train_loss"] - theirs["train_loss"]) < FLOAT32_LOSS, (name, mine, theirs)
+            # Allow one example's prediction to tip over in float32.
+            assert abs(mine["train_acc"] - theirs["train_acc"]) <= 1 / TRAIN_EXAMPLES, (name, mine, theirs)
+        for key in ("gamma", "beta"):
+            difference = np.max(np.abs(np.subtract(run["first_bn"][key], reference["first_bn"][key])))
+            assert difference < FLOAT32_PARAMS, (name, key, difference)
+
+
+def test_main_run_divergence(main_run):
+    _, _, results = main_run
+    divergence = results["divergence"]
+    assert [entry["pair"] for entry in divergence] == PAIRS
+    for entry in divergence:
+        assert set(entry) == {"pair", "max_abs_param_diff", "max_abs_test_logit_diff"}
+        for key in ("max_abs_param_diff", "max_abs_test_logit_diff"):
+            values = entry[key]
+            assert len(values) == EPOCHS, (entry["pair"], key)
+            assert all(is_finite_number(value) and value >= 0 for value in values), (entry["pair"], key, values)
+        assert max(entry["max_abs_param_diff"]) < FLOAT32_PARAMS, entry
+        # The first BN layer's gamma and beta are among the parameters compared.
+        a, b = (results["runs"][name]["first_bn"] for name in entry["pair"])
+        bn_difference = max(np.max(np.abs(np.subtract(a[key], b[key]))) for key in ("gamma", "beta"))
+        assert bn_difference <= entry["max_abs_param_diff"][-1], entry
+
+    with_builtin = [entry for entry in divergence if "torch-builtin" in entry["pair"]]
+    others = [entry for entry in divergence if "torch-builtin" not in entry["pair"]]
+    assert len(with_builtin) == 3 and len(others) == 3
+    for entry in others:
+        assert max(entry["max_abs_test_logit_diff"]) < FLOAT32_LOGITS, entry
+    # torch-builtin keeps an unbiased running variance: its inference-mode logits stand apart from
+    # all three others, by more than those differ among themselves, yet stay finite.
+    for epoch in range(EPOCHS):
+        largest_other = max(entry["max_abs_test_logit_diff"][epoch] for entry in others)
+        for entry in with_builtin:
+            assert entry["max_abs_test_logit_diff"][epoch] > largest_other, (epoch, entry, largest_other)
+            assert entry["max_abs_test_logit_diff"][epoch] < 1.0, (epoch, entry)
+
+
+@pytest.mark.parametrize("stem", ["curves", "divergence"])
+def test_main_run_plots(main_run, stem):
+    _, out, _ = main_run
+    png, svg = out / f"{stem}.png", out / f"{stem}.svg"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    image = matplotlib.image.imread(png)
+    height, width, channels = image.shape
+    assert channels in (3, 4)
+    # Side-by-side panels (three for the curves, two for the divergence), at 120 dpi.
+    assert height > 300 and width > 2 * height, image.shape
+    colours = np.unique(image.reshape(-1, channels), axis=0)
+    assert len(colours) > 50, f"{png} has only {len(colours)} colours: an empty figure?"
+    assert image[..., :3].std() > 0.05
+
+    text = svg.read_text()
+    assert text.lstrip().startswith(("<?xml", "<svg")), text[:100]
+    root = ElementTree.fromstring(text.encode())  # well-formed, complete XML
+    assert root.tag == "{http://www.w3.org/2000/svg}svg"
+    assert len(text) > 10_000  # axes, ticks, lines: not an empty drawing
+    assert not list(out.glob("*.partial")), "a temporary file was left behind"
+
+
+def test_main_run_report(main_run):
+    process, out, results = main_run
+    stdout = process.stdout
+    for name in IMPLS:
+        section = report_section(stdout, name)
+        run = results["runs"][name]
+        last = run["epochs"][-1]
+        # The chapter's two lines, with this run's numbers.
+        loss_line = re.search(r"^loss (\d\.\d{3}), train acc (\d\.\d{3}), test acc (\d\.\d{3})$", section, re.MULTILINE)
+        assert loss_line, section
+        assert loss_line.groups() == tuple(f"{last[key]:.3f}" for key in ("train_loss", "train_acc", "test_acc"))
+        speed_line = re.search(r"^([\d.]+) examples/sec on cpu$", section, re.MULTILINE)
+        assert speed_line, section
+        assert float(speed_line.group(1)) == pytest.approx(run["examples_per_sec"], abs=0.051)
+        assert f"first BN layer gamma [{', '.join(f'{v:.4f}' for v in run['first_bn']['gamma'])}]" in section
+        assert "DIVERGED" not in section
+
+    assert "How far the implementations drift apart" in stdout
+    for a, b in PAIRS:
+        assert f"  {a} vs {b}\n" in stdout
+    assert "unbiased" in stdout  # the note on torch-builtin's running variance
+
+    lines = stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("implementation"))
+    assert re.fullmatch(r"implementation\s+loss\s+train acc\s+test acc\s+examples/sec\s+compile s\s+wall s\s+device",
+                        lines[header])
+    assert re.fullmatch(r"[- ]+", lines[header + 1])
+    for name, row in zip(IMPLS, lines[header + 2:header + 6]):
+        cells = row.split()
+        assert cells[0] == name and cells[-1] == "cpu", row
+        assert cells[1] == f"{results['runs'][name]['epochs'][-1]['train_loss']:.3f}", row
+    assert f"wrote {out / 'results.json'}" in stdout
+
+
+# ---------------------------------------------------------------------------
+# float64, determinism, seeds
+# ---------------------------------------------------------------------------
+
+
+def test_float64_frameworks_agree(float64_run):
+    results = float64_run
+    assert results["config"]["dtype"] == "float64"
+    assert list(results["runs"]) == ["torch-scratch", "flax-scratch"]
+    [entry] = results["divergence"]
+    assert entry["pair"] == ["torch-scratch", "flax-scratch"]
+    for key in ("max_abs_param_diff", "max_abs_test_logit_diff"):
+        assert len(entry[key]) == 1
+        assert 0 <= entry[key][0] <= FLOAT64_DIVERGENCE, entry
+    torch_run, flax_run = results["runs"]["torch-scratch"], results["runs"]["flax-scratch"]
+    assert abs(torch_run["epochs"][0]["train_loss"] - flax_run["epochs"][0]["train_loss"]) <= FLOAT64_DIVERGENCE
+    assert torch_run["epochs"][0]["train_acc"] == flax_run["epochs"][0]["train_acc"]
+    assert torch_run["epochs"][0]["test_acc"] == flax_run["epochs"][0]["test_acc"]
+
+
+def test_same_seed_gives_identical_results(main_run, tmp_path):
+    """A second run with the same seed (two of the four implementations) repeats every number."""
+    _, _, first = main_run
+    names = ["torch-builtin", "flax-builtin"]
+    completed(run_compare(*TINY, "--impls", ",".join(names), out=tmp_path))
+    second = load_results(tmp_path)
+    assert second["config"] == {**first["config"], "impls": names}
+    assert second["environment"] == first["environment"]
+    for name in names:
+        assert without_timing(second["runs"][name]) == without_timing(first["runs"][name]), name
+    [pair] = second["divergence"]
+    assert pair == next(entry for entry in first["divergence"] if entry["pair"] == names)
+
+
+def test_other_seed_gives_other_results(main_run, single_seed1_run):
+    _, _, seed0 = main_run
+    _, seed1 = single_seed1_run
+    assert seed1["config"]["seed"] == 1
+    a, b = seed0["runs"]["torch-scratch"], seed1["runs"]["torch-scratch"]
+    # Other initial weights and another batch order: every loss and every BN parameter moves.
+    for mine, theirs in zip(a["epochs"], b["epochs"]):
+        assert abs(mine["train_loss"] - theirs["train_loss"]) > 1e-3, (mine, theirs)
+    for key in ("gamma", "beta"):
+        assert np.all(np.abs(np.subtract(a["first_bn"][key], b["first_bn"][key])) > 1e-6), key
+    assert seed1["divergence"] == []  # one implementation: no pairs
+
+
+def test_single_implementation_run_prints_no_warning(single_seed1_run):
+    process, _ = single_seed1_run
+    assert "Warning" not in process.stderr, process.stderr
+
+
+# ---------------------------------------------------------------------------
+# A run that diverges
+# ---------------------------------------------------------------------------
+
+
+def test_diverged_run_is_reported_and_recorded(diverged_run):
+    process, out, results = diverged_run
+    names = ["torch-builtin", "flax-scratch"]
+    assert results["config"]["lr"] == 1e38
+    assert list(results["runs"]) == names
+    for name in names:
+        run = results["runs"][name]
+        step = run["diverged_at_step"]
+        assert type(step) is int and 1 <= step <= 5, (name, step)
+        assert run["epochs"] == []  # the epoch never finished
+        assert len(run["first_bn"]["gamma"]) == 6 and len(run["first_bn"]["beta"]) == 6
+        section = report_section(process.stdout, name)
+        assert f"DIVERGED: loss not finite at step {step}" in section
+        assert f"{name}: diverged (loss not finite) at step {step}, epoch 1" in process.stderr
+        assert re.search(rf"^{re.escape(name)}\s.*DIVERGED at step {step}$", process.stdout, re.MULTILINE)
+    # Both were on the same batches from the same weights: the same step.
+    assert results["runs"]["torch-builtin"]["diverged_at_step"] == results["runs"]["flax-scratch"]["diverged_at_step"]
+    assert results["divergence"] == [{"pair": names, "max_abs_param_diff": [], "max_abs_test_logit_diff": []}]
+    for name in ("curves.png", "curves.svg", "divergence.png", "divergence.svg"):
+        assert (out / name).stat().st_size > 0
+
+
+# ---------------------------------------------------------------------------
+# Error paths: a non-zero exit, a clear message, no training and no results.json
+# ---------------------------------------------------------------------------
+
+
+# (arguments, what stderr's last line says after "compare.py: error: ")
+ARGUMENT_ERRORS = [
+    (["--impls", "torch-scratch,nope"], "argument --impls: unknown implementation nope; "
+                                        "choose from torch-scratch, torch-builtin, flax-scratch, flax-builtin"),
+    (["--epochs", "0"], "argument --epochs: expected a positive integer, got '0'"),
+    (["--batch-size", "-3"], "argument --batch-size: expected a positive integer, got '-3'"),
+    (["--batch-size", "abc"], "argument --batch-size: expected a positive integer, got 'abc'"),
+    (["--lr", "-1"], "argument --lr: expected a positive, finite number, got '-1'"),
+    (["--lr", "nan"], "argument --lr: expected a positive, finite number, got 'nan'"),
+    (["--dtype", "float16"], "argument --dtype: invalid choice: 'float16'"),
+    (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+    # 60000 = 59999 + 1 (the only such size): the last training batch would hold one example,
+    # whether or not --max-batches is given, as long as it reaches that batch (2 batches here).
+    (["--batch-size", "59999"], "--batch-size 59999 leaves a last training batch of one example"),
+    (["--batch-size", "59999", "--max-batches", "3"], "--batch-size 59999 leaves a last training batch of one example"),
+]
+
+
+def assert_refused(process, out, message):
+    """Non-zero exit, the message on stderr's last line, no traceback, nothing trained or written."""
+    assert process.returncode != 0, process.stdout
+    last_line = process.stderr.strip().splitlines()[-1]
+    assert re.search(message, last_line), process.stderr
+    assert "Traceback" not in process.stderr, process.stderr
+    assert "examples/sec" not in process.stdout  # no report: nothing was trained
+    assert not (Path(out) / "results.json").exists()
+
+
+@pytest.mark.parametrize(("args", "message"), ARGUMENT_ERRORS, ids=[" ".join(args) for args, _ in ARGUMENT_ERRORS])
+def test_argument_errors(tmp_path, args, message):
+    out = tmp_path / "out"
+    process = run_compare(*args, out=out, timeout=60)
+    assert process.returncode == 2  # argparse's usage error
+    assert_refused(process, out, "^compare\\.py: error: " + re.escape(message))
+    assert process.stderr.startswith("usage: compare.py")
+    assert not out.exists()
+
+
+def test_device_cuda_without_a_gpu(tmp_path):
+    import jax
+    import torch
+    if torch.cuda.is_available() and jax.default_backend() == "gpu":
+        pytest.skip("both frameworks see a CUDA GPU here, so --device cuda is valid")
+    out = tmp_path / "out"
+    # Tiny settings, so that a bug which trains anyway does not train for minutes.
+    process = run_compare("--device", "cuda", "--epochs", 1, "--max-batches", 1, "--no-progress", out=out, timeout=120)
+    assert process.returncode == 1
+    assert_refused(process, out, r"^error: --device cuda: (PyTorch|JAX) sees no usable CUDA GPU")
+    assert len(process.stderr.strip().splitlines()) == 1, process.stderr
+    assert process.stdout == ""
+    assert not out.exists()  # stopped before the data, the output folder and training
+
+
+def test_data_dir_without_the_data(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "out"
+    process = run_compare("--data-dir", empty, "--device", "cpu", out=out, timeout=120)
+    assert process.returncode == 1
+    assert_refused(process, out, r"^error: data_dir \(--data-dir\) points to ")
+    assert len(process.stderr.strip().splitlines()) == 1, process.stderr
+    message = process.stderr.strip()
+    assert str(empty) in message and "apt-get install dataset-fashion-mnist" in message
+    assert "train-images-idx3-ubyte" in message  # says what is missing
+    assert not out.exists()
+
+
+def test_help_mentions_every_flag():
+    process = run_compare("--help", timeout=60)
+    assert process.returncode == 0
+    for flag in FLAGS:
+        assert flag in process.stdout, flag
+    for name in IMPLS:
+        assert name in process.stdout, name
+
+
+def test_batch_size_one_is_refused_before_training(tmp_path):
+    out = tmp_path / "out"
+    process = run_compare("--batch-size", 1, "--impls", "torch-scratch", "--epochs", 1, "--max-batches", 2,
+                          "--no-progress", "--device", "cpu", out=out, timeout=120)
+    assert_refused(process, out, r"batch")
+
+
+def test_learning_rate_beyond_float32_fails_cleanly(tmp_path):
+    out = tmp_path / "out"
+    process = run_compare("--lr", "1e300", "--impls", "torch-scratch", "--epochs", 1, "--max-batches", 2,
+                          "--no-progress", "--device", "cpu", out=out, timeout=120)
+    assert_refused(process, out, r"--lr 1e\+300 is beyond the largest float32")
+
+
+# ---------------------------------------------------------------------------
+# An interrupted run
+# ---------------------------------------------------------------------------
+
+
+def test_interrupted_run_leaves_no_results_json(tmp_path):
+    """SIGINT during a full-size run: non-zero exit, and no results.json -- not even an earlier one."""
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / "results.json"
+    stale.write_text('{"stale": true}\n')
+    stdout_path, stderr_path = tmp_path / "stdout", tmp_path / "stderr"
+    with open(stdout_path, "w") as stdout, open(stderr_path, "w") as stderr:
+        # Full size: the chapter's 10 epochs of batch 256, all four implementations, progress bars on.
+        process = subprocess.Popen([sys.executable, "compare.py", "--device", "cpu", "--out", str(out)],
+                                   cwd=REPO, env=ENVIRONMENT, stdout=stdout, stderr=stderr)
+        try:
+            deadline = time.monotonic() + RUN_TIMEOUT_S
+            # The first progress bar appears as the first epoch's training starts.
+            while "torch-scratch epoch 1" not in stderr_path.read_text():
+                assert process.poll() is None, f"compare.py ended early:\n{stderr_path.read_text()}"
+                assert time.monotonic() < deadline, "training never started"
+                time.sleep(0.2)
+            time.sleep(1.0)  # well into training
+            assert process.poll() is None
+            assert not stale.exists(), "the earlier results.json must be removed when a new run starts"
+            process.send_signal(signal.SIGINT)
+            returncode = process.wait(timeout=120)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert returncode != 0
+    assert "interrupted: no results.json written" in stderr_path.read_text()
+    assert not stale.exists()
+    assert not list(out.glob("results.json*"))
+    assert "examples/sec" not in stdout_path.read_text()  # no report for a run that did not finish
