@@ -17,8 +17,8 @@ import numpy as np
 
 from common import report
 from common.data import DataError, load_fashion_mnist
-from common.harness import (IMPLEMENTATIONS, evaluate, parse_implementations, select_devices,
-                            start_run, train_epoch)
+from common.harness import (IMPLEMENTATIONS, MODES, evaluate, parse_implementations, select_devices,
+                            start_run, train_epoch, train_epoch_compiled)
 from common.init import PARAMETER_NAMES, canonical_weights
 
 TRAIN_EXAMPLES = 60000  # Fashion-MNIST's training set
@@ -78,6 +78,10 @@ def parse_args(argv=None):
                         help="floating-point type of weights and computation")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: a CUDA GPU for each framework that sees one, else the CPU")
+    parser.add_argument("--mode", choices=MODES, default="eager",
+                        help="eager: the chapter's way, one step per batch from host memory; compiled: "
+                             "the fast paths (the dataset on the device, torch.compile / one jitted "
+                             "lax.scan per epoch), on the same batches")
     parser.add_argument("--data-dir", default=None,
                         help="folder holding the four Fashion-MNIST files (.gz or not); default: search "
                              "$FASHION_MNIST_DIR, /usr/share/datasets/fashion-mnist, the user cache, "
@@ -87,6 +91,13 @@ def parse_args(argv=None):
     parser.add_argument("--max-batches", type=positive_int, default=None,
                         help="train on at most N batches per epoch (for quick runs)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    bench = parser.add_argument_group("benchmark (instead of the experiment)")
+    bench.add_argument("--bench", action="store_true",
+                       help="measure steady-state training throughput of each implementation in both modes "
+                            "against the chapter's own loop (DataLoader with 4 workers), in float32; "
+                            "prints a table and writes bench.json into --out")
+    bench.add_argument("--bench-batches", type=positive_int, default=50, help="batches per timed repeat")
+    bench.add_argument("--repeats", type=positive_int, default=5, help="timed repeats; the median is reported")
     args = parser.parse_args(argv)
     # Batch norm in training cannot normalise a batch of one example (all four refuse it).
     if args.batch_size == 1:
@@ -96,6 +107,10 @@ def parse_args(argv=None):
         if TRAIN_EXAMPLES % args.batch_size == 1:
             parser.error(f"--batch-size {args.batch_size} leaves a last training batch of one example, "
                          "which batch norm cannot normalise; choose another batch size")
+    full_batches = TRAIN_EXAMPLES // args.batch_size
+    if args.bench and args.bench_batches >= full_batches:
+        parser.error(f"--bench-batches {args.bench_batches}: an epoch has only {full_batches} full batches "
+                     f"of {args.batch_size}; choose fewer")
     largest = float(np.finfo(args.dtype).max)
     if args.lr > largest:
         parser.error(f"--lr {args.lr:g} is beyond the largest {args.dtype} ({largest:.3g})")
@@ -127,11 +142,15 @@ def run_implementation(name, weights, data, args, device, snapshots):
     """Train one implementation for all epochs; return its entry of results.json."""
     train_images, train_labels, test_images, test_labels = data
     wall_start = time.perf_counter()
-    run = start_run(name, weights, args.lr, device)
+    run = start_run(name, weights, args.lr, device, args.mode, train_images, train_labels)
     epochs = []
     for epoch in range(1, args.epochs + 1):
-        outcome = train_epoch(run, train_images, train_labels, args.batch_size, args.seed, epoch,
-                              max_batches=args.max_batches, progress=not args.no_progress)
+        if args.mode == "compiled":
+            outcome = train_epoch_compiled(run, len(train_labels), args.batch_size, args.seed, epoch,
+                                           max_batches=args.max_batches, progress=not args.no_progress)
+        else:
+            outcome = train_epoch(run, train_images, train_labels, args.batch_size, args.seed, epoch,
+                                  max_batches=args.max_batches, progress=not args.no_progress)
         if outcome is None:
             print(f"{name}: diverged (loss not finite) at step {run.diverged_at_step}, epoch {epoch}",
                   file=sys.stderr)
@@ -167,6 +186,12 @@ def main(argv=None):
     except DataError as error:
         sys.exit(f"error: {error}")
     os.makedirs(args.out, exist_ok=True)
+    if args.bench:
+        from common import bench  # noqa: PLC0415 (torchvision is imported only for the benchmark)
+        results = bench.benchmark(args, canonical_weights(args.seed, np.float32), data, devices)
+        bench.print_table(results)
+        print(f"\nwrote {bench.write(results, args.out)}")
+        return 0
     report.remove_stale_results(args.out)
 
     weights = canonical_weights(args.seed, dtype)
@@ -177,7 +202,7 @@ def main(argv=None):
         runs[name] = run_implementation(name, weights, data, args, devices[framework], snapshots)
     results = {
         "config": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-                   "dtype": args.dtype, "impls": args.impls, "device": args.device,
+                   "dtype": args.dtype, "impls": args.impls, "device": args.device, "mode": args.mode,
                    "max_batches": args.max_batches},
         "environment": report.environment(devices),
         "runs": runs,

@@ -436,6 +436,14 @@ def _check_batch_args(images, labels, batch_size, layout) -> None:
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
 
 
+def train_batch_indices(num_examples, batch_size, seed, epoch):
+    """The example indices of each training batch of an epoch, in order: what train_batches
+    gathers. The fast paths gather the very same batches on a device from these."""
+    _check_batch_size(batch_size)
+    order = epoch_permutation(seed, epoch, num_examples)
+    return [order[start:start + batch_size] for start in range(0, num_examples, batch_size)]
+
+
 def train_batches(images, labels, batch_size, seed, epoch, layout="NCHW"):
     """Yield (images, labels) batches in epoch_permutation(seed, epoch, N) order."""
     _check_batch_args(images, labels, batch_size, layout)

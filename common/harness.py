@@ -11,14 +11,13 @@ Timing rules, the same for every implementation:
 """
 
 import importlib
-import math
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from common.data import num_batches, test_batches, train_batches
+from common.data import num_batches, test_batches, train_batch_indices, train_batches
 
 IMPLEMENTATIONS = {
     "torch-scratch": ("pytorch", "scratch"),
@@ -26,6 +25,7 @@ IMPLEMENTATIONS = {
     "flax-scratch": ("flax", "scratch"),
     "flax-builtin": ("flax", "builtin"),
 }
+MODES = ("eager", "compiled")
 # How often the progress bar reads the running loss back from the device (a synchronisation).
 PROGRESS_EVERY = 20
 
@@ -71,17 +71,24 @@ class Run:
     seen_shapes: set = field(default_factory=set)
     diverged_at_step: int | None = None
     steps_done: int = 0
+    trainer: object = None  # the fast path's FastTrainer, in --mode compiled
 
     @property
     def examples_per_sec(self):
         return self.timed_examples / self.train_seconds if self.train_seconds > 0 else float("nan")
 
 
-def start_run(name, weights, lr, device):
+def start_run(name, weights, lr, device, mode="eager", train_images=None, train_labels=None):
+    """A model from the canonical weights; in compiled mode also the training set on the device."""
     module = framework_of(name)
     _, norm = IMPLEMENTATIONS[name]
+    dtype = weights["conv1.weight"].dtype
     model = module.build_lenet(weights, norm, device)
-    return Run(name, module, device, weights["conv1.weight"].dtype, model, module.make_optimizer(model, lr))
+    run = Run(name, module, device, dtype, model, module.make_optimizer(model, lr))
+    if mode == "compiled":
+        images, labels = module.put_dataset(train_images, train_labels, device, dtype)
+        run.trainer = module.FastTrainer(model, run.optimizer, images, labels)
+    return run
 
 
 def first_non_finite(losses):
@@ -141,6 +148,44 @@ def train_epoch(run, images, labels, batch_size, seed, epoch, max_batches=None, 
     return losses.sum() / seen_examples, correct / seen_examples
 
 
+def train_epoch_compiled(run, num_examples, batch_size, seed, epoch, max_batches=None, progress=True):
+    """The fast path's epoch: the same batches as train_epoch, gathered on the device, full
+    batches in one call to the trainer and a partial last batch in another."""
+    trainer = run.trainer
+    batches = train_batch_indices(num_examples, batch_size, seed, epoch)[:max_batches]
+    groups = [np.stack([indices for indices in batches if len(indices) == batch_size])]
+    if len(batches[-1]) != batch_size:
+        groups.append(batches[-1][None])
+    bar = tqdm(total=len(batches), desc=f"{run.name} epoch {epoch}", unit="batch", leave=False,
+               disable=not progress)
+    run.model.train()
+    trainer.synchronize()
+    epoch_start = time.perf_counter()
+    compile_seconds, compile_examples, step_losses, step_correct = 0.0, 0, [], []
+    for group in groups:
+        loss_sums, corrects, group_compile_seconds, group_compile_examples = trainer.train(group)
+        compile_seconds += group_compile_seconds
+        compile_examples += group_compile_examples
+        step_losses.append(loss_sums)
+        step_correct.append(corrects)
+        bar.update(len(group))
+    trainer.synchronize()
+    run.train_seconds += time.perf_counter() - epoch_start - compile_seconds
+    run.compile_seconds += compile_seconds
+    run.timed_examples += sum(len(indices) for indices in batches) - compile_examples
+    bar.close()
+    trainer.finish()
+    losses = np.concatenate([np.asarray(run.module.to_numpy(value), np.float64) for value in step_losses])
+    bad_step = first_non_finite(losses)
+    if bad_step is not None:
+        run.diverged_at_step = run.steps_done + bad_step + 1
+        return None
+    run.steps_done += len(losses)
+    seen_examples = sum(len(indices) for indices in batches)
+    correct = sum(int(np.sum(run.module.to_numpy(value))) for value in step_correct)
+    return losses.sum() / seen_examples, correct / seen_examples
+
+
 def evaluate(run, images, labels, batch_size):
     """Inference-mode logits for the whole test set (numpy) and the accuracy."""
     module, model = run.module, run.model
@@ -150,7 +195,3 @@ def evaluate(run, images, labels, batch_size):
         for batch_images, batch_labels in test_batches(images, labels, batch_size, layout=module.LAYOUT)])
     accuracy = float((logits.argmax(axis=1) == labels).mean())
     return logits, accuracy
-
-
-def is_finite(value):
-    return value is not None and math.isfinite(value)

@@ -159,7 +159,7 @@ def plot_curves(results, out):
     axes[0].legend()
     config = results["config"]
     figure.suptitle(f"LeNet + batch norm on Fashion-MNIST: lr {config['lr']}, batch {config['batch_size']}, "
-                    f"{config['dtype']}")
+                    f"{config['dtype']} (where the implementations agree, their lines lie on top of each other)")
     return save(figure, out, CURVES)
 
 

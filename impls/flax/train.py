@@ -5,11 +5,15 @@ without knowing which: select_device, to_device, build_lenet, make_optimizer, tr
 predict, loss_and_gradients, synchronize, to_numpy, export_weights.
 """
 
+import time
+from functools import partial
+
 import jax
 import numpy as np
 import optax
 from flax import nnx
 
+from common.data import to_layout
 from common.init import PARAMETER_NAMES
 from impls.flax.lenet import build_lenet, export_weights  # noqa: F401 (interface)
 
@@ -56,8 +60,7 @@ def loss_function(model, images, labels):
     return loss, logits
 
 
-@nnx.jit
-def train_step(model, optimizer, images, labels):
+def sgd_step(model, optimizer, images, labels):
     """One SGD step in training mode. Returns (summed loss, number correct) as device scalars."""
     # Gradients with respect to nnx.Param only; the moving statistics are updated as a side
     # effect of the forward pass, which nnx.jit carries back into `model`.
@@ -66,6 +69,10 @@ def train_step(model, optimizer, images, labels):
     optimizer.update(model, gradients)
     # Summed rather than mean, so that a partial last batch weighs what it holds (as d2l counts).
     return loss * labels.shape[0], (logits.argmax(axis=1) == labels).sum()
+
+
+# The per-step path (--mode eager): one compiled step per batch, as the NNX tutorials write it.
+train_step = nnx.jit(sgd_step)
 
 
 @nnx.jit
@@ -93,3 +100,60 @@ def synchronize(model):
 
 def to_numpy(value):
     return np.asarray(value)
+
+
+# --- the fast path (--mode compiled): the dataset on the device, an epoch per call -------------
+
+def put_dataset(images, labels, device, dtype):
+    """The whole training set on `device`, once, in this framework's layout."""
+    return to_device(to_layout(images, LAYOUT), labels, device, dtype)
+
+
+def functional_train_step(graphdef, state, images, labels, indices):
+    """train_step on plain arrays: the batch is gathered on the device from the shared indices."""
+    model, optimizer = nnx.merge(graphdef, state)
+    loss_sum, correct = sgd_step(model, optimizer, images[indices], labels[indices])
+    return nnx.state((model, optimizer)), loss_sum, correct
+
+
+@partial(jax.jit, static_argnums=0, donate_argnums=1)
+def train_on_batches(graphdef, state, images, labels, batch_indices):
+    """Every batch of batch_indices (steps, batch) in one lax.scan: one call, one compilation.
+    The state is donated, so XLA updates the parameters in place."""
+    def one_step(state, indices):
+        state, loss_sum, correct = functional_train_step(graphdef, state, images, labels, indices)
+        return state, (loss_sum, correct)
+    return jax.lax.scan(one_step, state, batch_indices)
+
+
+class FastTrainer:
+    """An epoch as one jitted scan over the full batches, and one more call for a partial last
+    batch (another shape, so another compilation, made once)."""
+
+    def __init__(self, model, optimizer, images, labels):
+        self.model, self.optimizer, self.images, self.labels = model, optimizer, images, labels
+        # NNX's graph bookkeeping happens here, once, instead of at every step.
+        self.graphdef, self.state = nnx.split((model, optimizer))
+        self.executables = {}  # shape of the batch indices -> compiled scan
+
+    def train(self, batch_indices):
+        """Train on batches of equal size (steps, batch); returns (summed losses, correct counts,
+        seconds spent compiling, examples trained while compiling)."""
+        batch_indices = jax.device_put(batch_indices.astype(np.int32), self.images.sharding)
+        compile_seconds = 0.0
+        if batch_indices.shape not in self.executables:
+            start = time.perf_counter()
+            self.executables[batch_indices.shape] = train_on_batches.lower(
+                self.graphdef, self.state, self.images, self.labels, batch_indices).compile()
+            compile_seconds = time.perf_counter() - start
+        self.state, (loss_sums, corrects) = self.executables[batch_indices.shape](
+            self.state, self.images, self.labels, batch_indices)
+        # Compiled ahead of time, apart from the run: no example was trained while compiling.
+        return loss_sums, corrects, compile_seconds, 0
+
+    def synchronize(self):
+        jax.block_until_ready(self.state)
+
+    def finish(self):
+        """Hand the trained state back to the model and optimizer (for evaluation and export)."""
+        nnx.update((self.model, self.optimizer), self.state)

@@ -5,10 +5,13 @@ without knowing which: select_device, to_device, build_lenet, make_optimizer, tr
 predict, loss_and_gradients, synchronize, to_numpy, export_weights.
 """
 
+import time
+
 import numpy as np
 import torch
 from torch import nn
 
+from common.data import to_layout
 from common.init import PARAMETER_NAMES
 from impls.pytorch.lenet import build_lenet, export_weights, state_dict_key  # noqa: F401 (interface)
 
@@ -39,13 +42,20 @@ def make_optimizer(model, lr):
     return torch.optim.SGD(model.parameters(), lr=lr)
 
 
-loss_function = nn.CrossEntropyLoss()  # mean over the batch, as d2l's train_ch6
+cross_entropy = nn.CrossEntropyLoss()  # mean over the batch, as d2l's train_ch6
+
+
+def loss_function(model, images, labels):
+    logits = model(images)
+    loss = cross_entropy(logits, labels)
+    return loss, logits
 
 
 def train_step(model, optimizer, images, labels):
     """One SGD step in training mode. Returns (summed loss, number correct) as device scalars."""
-    logits = model(images)
-    loss = loss_function(logits, labels)
+    # Autograd records the forward pass; backward() fills .grad of every nn.Parameter, and
+    # buffers such as the moving statistics never receive one.
+    loss, logits = loss_function(model, images, labels)
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
@@ -62,8 +72,7 @@ def predict(model, images):
 def loss_and_gradients(model, images, labels):
     """(loss, logits, {canonical name: gradient}) for one batch, without an update; numpy out."""
     model.zero_grad()
-    logits = model(images)
-    loss = loss_function(logits, labels)
+    loss, logits = loss_function(model, images, labels)
     loss.backward()
     gradients = {key: to_numpy(model.get_parameter(state_dict_key(key, model.norm)).grad)
                  for key in PARAMETER_NAMES}
@@ -80,3 +89,51 @@ def synchronize(model):
 
 def to_numpy(value):
     return value.detach().cpu().numpy()
+
+
+# --- the fast path (--mode compiled): the dataset on the device, compiled steps ---------------
+
+def put_dataset(images, labels, device, dtype):
+    """The whole training set on `device`, once, in this framework's layout."""
+    # Copies: the loader's arrays are read-only, and torch.from_numpy wants to share memory.
+    return to_device(np.array(to_layout(images, LAYOUT)), np.array(labels), device, dtype)
+
+
+class FastTrainer:
+    """Each step's forward and backward compiled by torch.compile (TorchInductor fuses the
+    element-wise work; on CUDA, mode="reduce-overhead" also replays the step as CUDA graphs, with
+    inputs copied into static buffers), on batches gathered on the device from the shared indices."""
+
+    def __init__(self, model, optimizer, images, labels):
+        self.model, self.optimizer, self.images, self.labels = model, optimizer, images, labels
+        mode = "reduce-overhead" if images.is_cuda else None
+        self.compiled_model = torch.compile(model, mode=mode)
+        self.seen_shapes = set()
+
+    def train(self, batch_indices):
+        """Train on batches of equal size (steps, batch); returns (summed losses, correct counts,
+        seconds spent compiling, examples trained while compiling)."""
+        batch_indices = torch.from_numpy(batch_indices).to(self.images.device)
+        compile_seconds, compile_examples, loss_sums, corrects = 0.0, 0, [], []
+        for indices in batch_indices:
+            new_shape = tuple(indices.shape) not in self.seen_shapes
+            if new_shape:
+                # torch.compile traces and compiles on the first call for each shape.
+                self.synchronize()
+                start = time.perf_counter()
+            loss_sum, correct = train_step(self.compiled_model, self.optimizer,
+                                           self.images[indices], self.labels[indices])
+            if new_shape:
+                self.synchronize()
+                compile_seconds += time.perf_counter() - start
+                compile_examples += len(indices)
+                self.seen_shapes.add(tuple(indices.shape))
+            loss_sums.append(loss_sum)
+            corrects.append(correct)
+        return torch.stack(loss_sums), torch.stack(corrects), compile_seconds, compile_examples
+
+    def synchronize(self):
+        synchronize(self.model)
+
+    def finish(self):
+        """The compiled model shares its parameters and buffers with self.model: nothing to copy."""

@@ -1,0 +1,179 @@
+"""compare.py --bench: steady-state training throughput of every implementation x mode, against
+the chapter's own way of training, measured in one run on one machine.
+
+The baseline is this project's rendition of d2l's train_ch6: torchvision's FashionMNIST with
+ToTensor, through a DataLoader with 4 worker processes, eager PyTorch, and the chapter's clock,
+which runs only around each step (moving the batch to the device, forward, backward, update and
+reading the loss back), not while the DataLoader produces the next batch.
+
+Every figure is the median of --repeats timings of --bench-batches full batches, after a
+warm-up (compilation) that is timed and reported apart.
+"""
+
+import gzip
+import json
+import os
+import statistics
+import time
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from common import data
+from common.harness import IMPLEMENTATIONS, framework_of, start_run
+
+WARMUP_BATCHES = 3
+BASELINE_WORKERS = 4  # as d2l.load_data_fashion_mnist
+
+
+def torchvision_root(data_dir=None):
+    """A folder torchvision's FashionMNIST reads: FashionMNIST/raw/ with the decompressed files.
+
+    Made once in the user cache from the verified files common.data found, each written to a
+    temporary name and renamed, so an interruption leaves nothing torchvision would take."""
+    source = data.find_data_dir(data_dir)
+    data.load_fashion_mnist(data_dir)  # verifies every file before torchvision reads them
+    root = data.cache_dir().parent / "torchvision"
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for name in data.EXPECTED:
+        target = raw / name
+        if target.exists():
+            continue
+        compressed = source / f"{name}.gz"
+        content = gzip.decompress(compressed.read_bytes()) if compressed.exists() else (source / name).read_bytes()
+        temporary = raw / f".{name}.partial"
+        temporary.write_bytes(content)
+        os.replace(temporary, target)
+    return str(root)
+
+
+def chapter_baseline(norm, weights, lr, batch_size, steps, repeats, data_dir, device):
+    """d2l's train_ch6 loop, rebuilt: examples/sec as it counts them, for each repeat."""
+    import torch
+    import torchvision
+    from torchvision import transforms
+
+    module = framework_of("torch-scratch")
+    dataset = torchvision.datasets.FashionMNIST(torchvision_root(data_dir), train=True,
+                                                transform=transforms.ToTensor(), download=False)
+    model = module.build_lenet(weights, norm, device)
+    optimizer = module.make_optimizer(model, lr)
+    model.train()
+    figures = []
+    for repeat in range(repeats + 1):  # the first pass warms up, as every other path does
+        loader = torch.utils.data.DataLoader(dataset, batch_size, shuffle=True, num_workers=BASELINE_WORKERS,
+                                             generator=torch.Generator().manual_seed(repeat))
+        timed_seconds, timed_examples = 0.0, 0
+        for _, (X, y) in zip(range(steps), loader):
+            start = time.perf_counter()
+            X, y = X.to(device), y.to(device)
+            loss_sum, correct = module.train_step(model, optimizer, X, y)
+            float(loss_sum), int(correct)  # d2l's Accumulator reads both back: a synchronisation
+            timed_seconds += time.perf_counter() - start
+            timed_examples += len(y)
+        if repeat:
+            figures.append(timed_examples / timed_seconds)
+        del loader  # its worker processes end with it
+    return figures
+
+
+def implementation_figures(name, mode, weights, train_images, train_labels, lr, batch_size, steps, repeats,
+                           device):
+    """Warm-up seconds and examples/sec of each repeat, for one implementation in one mode."""
+    run = start_run(name, weights, lr, device, mode, train_images, train_labels)
+    module, model = run.module, run.model
+    model.train()
+    batches = data.train_batch_indices(len(train_labels), batch_size, seed=0, epoch=1)
+    full = [indices for indices in batches if len(indices) == batch_size]
+
+    def window(number, count):
+        start = (number * count) % (len(full) - count)
+        return np.stack(full[start:start + count])
+
+    def train(indices):
+        if mode == "compiled":
+            run.trainer.train(indices)
+            run.trainer.synchronize()
+            return
+        for batch in indices:
+            X, y = module.to_device(data.to_layout(train_images[batch], module.LAYOUT), train_labels[batch],
+                                    device, run.dtype)
+            module.train_step(model, run.optimizer, X, y)
+        module.synchronize(model)
+
+    # Warm-up: compiles the step (or the whole scan over `steps` batches) once.
+    synchronize = run.trainer.synchronize if mode == "compiled" else (lambda: module.synchronize(model))
+    synchronize()
+    start = time.perf_counter()
+    train(window(0, steps if mode == "compiled" else WARMUP_BATCHES))
+    warmup_seconds = time.perf_counter() - start
+    figures = []
+    for repeat in range(1, repeats + 1):
+        indices = window(repeat, steps)
+        synchronize()
+        start = time.perf_counter()
+        train(indices)
+        figures.append(len(indices) * batch_size / (time.perf_counter() - start))
+    return warmup_seconds, figures
+
+
+def benchmark(args, weights, dataset, devices, modes=("eager", "compiled")):
+    """Measure everything; returns the bench.json content."""
+    train_images, train_labels = dataset[0], dataset[1]
+    rows = []
+    norms = sorted({IMPLEMENTATIONS[name][1] for name in args.impls}, key=["scratch", "builtin"].index)
+    progress = tqdm(total=len(norms) + len(args.impls) * len(modes), desc="benchmark", unit="figure",
+                    disable=args.no_progress)
+    torch_module = framework_of("torch-scratch")
+    torch_device = devices.get("pytorch") or torch_module.select_device(args.device)
+    baseline = {}
+    for norm in norms:
+        figures = chapter_baseline(norm, weights, args.lr, args.batch_size, args.bench_batches, args.repeats,
+                                   args.data_dir, torch_device)
+        baseline[norm] = statistics.median(figures)
+        rows.append({"implementation": f"chapter loop ({norm})", "mode": "d2l train_ch6",
+                     "device": torch_module.device_description(torch_device),
+                     "examples_per_sec": baseline[norm], "repeats": figures, "compile_seconds": None,
+                     "ratio_to_baseline": 1.0})
+        progress.update()
+    for name in args.impls:
+        framework, norm = IMPLEMENTATIONS[name]
+        for mode in modes:
+            warmup, figures = implementation_figures(name, mode, weights, train_images, train_labels, args.lr,
+                                                     args.batch_size, args.bench_batches, args.repeats,
+                                                     devices[framework])
+            median = statistics.median(figures)
+            rows.append({"implementation": name, "mode": mode,
+                         "device": framework_of(name).device_description(devices[framework]),
+                         "examples_per_sec": median, "repeats": figures, "compile_seconds": warmup,
+                         "ratio_to_baseline": median / baseline[norm]})
+            progress.update()
+    progress.close()
+    return {"config": {"batch_size": args.batch_size, "lr": args.lr, "dtype": "float32",
+                       "bench_batches": args.bench_batches, "repeats": args.repeats, "impls": args.impls,
+                       "baseline_workers": BASELINE_WORKERS},
+            "rows": rows}
+
+
+def print_table(results):
+    header = ("implementation", "mode", "examples/sec", "x chapter loop", "warm-up s", "device")
+    lines = [header]
+    for row in results["rows"]:
+        lines.append((row["implementation"], row["mode"], f"{row['examples_per_sec']:.1f}",
+                      f"{row['ratio_to_baseline']:.2f}",
+                      "-" if row["compile_seconds"] is None else f"{row['compile_seconds']:.2f}", row["device"]))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    print("\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines))
+    config = results["config"]
+    print(f"(median of {config['repeats']} repeats of {config['bench_batches']} batches of {config['batch_size']}, "
+          f"{config['dtype']}; warm-up timed apart; 'x chapter loop' is against the loop with the same batch norm)")
+
+
+def write(results, out):
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "bench.json")
+    with open(path + ".partial", "w") as file:
+        json.dump(results, file, indent=2)
+    os.replace(path + ".partial", path)
+    return path
