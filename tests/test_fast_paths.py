@@ -21,9 +21,12 @@ def subset(fashion_mnist):
     return train_images[:EXAMPLES], train_labels[:EXAMPLES]
 
 
-def compiled_epoch(name, weights, images, labels):
+def compiled_epoch(name, weights, images, labels, use_scan=None):
     """One epoch through the FastTrainer: per-step losses and the final weights."""
     run = start_run(name, weights, 1.0, "cpu" if name.startswith("torch") else None, "compiled", images, labels)
+    if use_scan is not None:
+        trainer = run.trainer
+        run.trainer = type(trainer)(run.model, run.optimizer, trainer.images, trainer.labels, use_scan=use_scan)
     batches = train_batch_indices(len(labels), BATCH_SIZE, seed=0, epoch=1)
     run.model.train()
     loss_sums = []
@@ -35,12 +38,16 @@ def compiled_epoch(name, weights, images, labels):
     return np.concatenate(loss_sums) / sizes, run.module.export_weights(run.model)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_compiled_epoch_equals_eager_epoch(name, subset):
+# Flax runs one lax.scan per epoch on GPUs and a compiled step per batch on the CPU: both here.
+CASES = [(name, None) for name in NAMES] + [("flax-scratch", True), ("flax-builtin", True)]
+
+
+@pytest.mark.parametrize("name, use_scan", CASES, ids=[f"{name}{'-scan' if scan else ''}" for name, scan in CASES])
+def test_compiled_epoch_equals_eager_epoch(name, use_scan, subset):
     images, labels = subset
     weights = canonical_weights(0, np.float64)
     eager_losses, eager_weights, _ = trajectory(name, weights, images, labels, steps=4)
-    compiled_losses, compiled_weights = compiled_epoch(name, weights, images, labels)
+    compiled_losses, compiled_weights = compiled_epoch(name, weights, images, labels, use_scan)
     assert len(compiled_losses) == 4
     assert_close("per-step loss, compiled vs eager", f"{name} compiled", compiled_losses, f"{name} eager",
                  eager_losses, FLOAT64_TRAJECTORY)
