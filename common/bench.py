@@ -15,6 +15,7 @@ import json
 import os
 import statistics
 import time
+import warnings
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -62,10 +63,14 @@ def chapter_baseline(norm, weights, lr, batch_size, steps, repeats, data_dir, de
     model.train()
     figures = []
     for repeat in range(repeats + 1):  # the first pass warms up, as every other path does
-        loader = torch.utils.data.DataLoader(dataset, batch_size, shuffle=True, num_workers=BASELINE_WORKERS,
-                                             generator=torch.Generator().manual_seed(repeat))
+        with warnings.catch_warnings():
+            # d2l asks for 4 workers whatever the machine; PyTorch warns where there are fewer cores.
+            warnings.filterwarnings("ignore", message="This DataLoader will create")
+            loader = torch.utils.data.DataLoader(dataset, batch_size, shuffle=True, num_workers=BASELINE_WORKERS,
+                                                 generator=torch.Generator().manual_seed(repeat))
+            iterator = iter(loader)
         timed_seconds, timed_examples = 0.0, 0
-        for _, (X, y) in zip(range(steps), loader):
+        for _, (X, y) in zip(range(steps), iterator):
             start = time.perf_counter()
             X, y = X.to(device), y.to(device)
             loss_sum, correct = module.train_step(model, optimizer, X, y)
@@ -74,7 +79,7 @@ def chapter_baseline(norm, weights, lr, batch_size, steps, repeats, data_dir, de
             timed_examples += len(y)
         if repeat:
             figures.append(timed_examples / timed_seconds)
-        del loader  # its worker processes end with it
+        del iterator, loader  # their worker processes end with them
     return figures
 
 

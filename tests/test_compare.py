@@ -398,6 +398,8 @@ ARGUMENT_ERRORS = [
     # whether or not --max-batches is given, as long as it reaches that batch (2 batches here).
     (["--batch-size", "59999"], "--batch-size 59999 leaves a last training batch of one example"),
     (["--batch-size", "59999", "--max-batches", "3"], "--batch-size 59999 leaves a last training batch of one example"),
+    (["--mode", "fast"], "argument --mode: invalid choice: 'fast'"),
+    (["--bench", "--bench-batches", "500"], "--bench-batches 500: an epoch has only 234 full batches of 256"),
 ]
 
 
@@ -510,3 +512,42 @@ def test_interrupted_run_leaves_no_results_json(tmp_path):
     assert not stale.exists()
     assert not list(out.glob("results.json*"))
     assert "examples/sec" not in stdout_path.read_text()  # no report for a run that did not finish
+
+
+# ---------------------------------------------------------------------------
+# The fast paths and the benchmark, end to end
+# ---------------------------------------------------------------------------
+
+
+def test_compiled_mode_trains_the_same_batches(tmp_path, main_run):
+    """--mode compiled on the main run's settings: the same numbers as eager, within float32 drift."""
+    out = tmp_path / "out"
+    completed(run_compare("--mode", "compiled", "--impls", "torch-scratch,flax-scratch", "--epochs", EPOCHS,
+                          "--max-batches", MAX_BATCHES, "--batch-size", BATCH_SIZE, "--no-progress", "--device", "cpu",
+                          out=out))
+    compiled = load_results(out)
+    _, _, eager = main_run
+    assert compiled["config"]["mode"] == "compiled"
+    for name in ("torch-scratch", "flax-scratch"):
+        for mine, theirs in zip(compiled["runs"][name]["epochs"], eager["runs"][name]["epochs"]):
+            assert abs(mine["train_loss"] - theirs["train_loss"]) < 1e-4, (name, mine, theirs)
+        assert compiled["runs"][name]["examples_per_sec"] > 0
+    [pair] = compiled["divergence"]
+    assert max(pair["max_abs_param_diff"]) < 1e-3
+
+
+def test_benchmark_writes_every_figure_and_its_ratio(tmp_path):
+    out = tmp_path / "out"
+    process = completed(run_compare("--bench", "--impls", "torch-builtin,flax-builtin", "--bench-batches", 2,
+                                    "--repeats", 1, "--no-progress", "--device", "cpu", out=out))
+    bench = json.loads((out / "bench.json").read_text())
+    rows = {(row["implementation"], row["mode"]): row for row in bench["rows"]}
+    assert set(rows) == {("chapter loop (builtin)", "d2l train_ch6"), ("torch-builtin", "eager"),
+                         ("torch-builtin", "compiled"), ("flax-builtin", "eager"), ("flax-builtin", "compiled")}
+    baseline = rows[("chapter loop (builtin)", "d2l train_ch6")]["examples_per_sec"]
+    for (name, mode), row in rows.items():
+        assert row["examples_per_sec"] > 0 and len(row["repeats"]) == 1, (name, mode)
+        assert row["ratio_to_baseline"] == pytest.approx(row["examples_per_sec"] / baseline), (name, mode)
+        assert row["device"] == "cpu"
+    assert "x chapter loop" in process.stdout and "chapter loop (builtin)" in process.stdout
+    assert not (out / "results.json").exists()  # a benchmark is not an experiment run
