@@ -24,24 +24,21 @@ from common.init import PARAMETER_NAMES, canonical_weights
 TRAIN_EXAMPLES = 60000  # Fashion-MNIST's training set
 
 
-def positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def integer_at_least(minimum, expected):
+    """An argparse type: an integer >= minimum, else `expected` in the error message."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+    return parse
 
 
-def non_negative_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
+positive_int = integer_at_least(1, "a positive integer")
+non_negative_int = integer_at_least(0, "a non-negative integer")
 
 
 def positive_float(text):
@@ -72,7 +69,7 @@ def parse_args(argv=None):
     parser.add_argument("--lr", type=positive_float, default=1.0, help="SGD learning rate")
     parser.add_argument("--seed", type=non_negative_int, default=0,
                         help="seed of the initial weights and of each epoch's batch order")
-    parser.add_argument("--impls", type=implementation_list, default=list(IMPLEMENTATIONS),
+    parser.add_argument("--impls", type=implementation_list, default=",".join(IMPLEMENTATIONS),
                         help=f"comma-separated implementations, from: {', '.join(IMPLEMENTATIONS)}")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                         help="floating-point type of weights and computation")
