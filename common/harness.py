@@ -40,10 +40,14 @@ def parse_implementations(text):
     return list(dict.fromkeys(names))
 
 
+def framework_module(framework):
+    """impls/<framework>/train.py: 'pytorch' or 'flax'."""
+    return importlib.import_module(f"impls.{framework}.train")
+
+
 def framework_of(name):
     """The impls/<framework>/train.py module that implements `name`."""
-    framework, _ = IMPLEMENTATIONS[name]
-    return importlib.import_module(f"impls.{framework}.train")
+    return framework_module(IMPLEMENTATIONS[name][0])
 
 
 def select_devices(names, request, dtype):
@@ -75,7 +79,8 @@ class Run:
 
     @property
     def examples_per_sec(self):
-        return self.timed_examples / self.train_seconds if self.train_seconds > 0 else float("nan")
+        # Every step may have been a compiling one (a single batch per epoch): then there is no figure.
+        return self.timed_examples / self.train_seconds if self.timed_examples and self.train_seconds > 0 else float("nan")
 
 
 def start_run(name, weights, lr, device, mode="eager", train_images=None, train_labels=None):
@@ -141,10 +146,21 @@ def train_epoch(run, images, labels, batch_size, seed, epoch, max_batches=None, 
     module.synchronize(model)
     run.train_seconds += time.perf_counter() - epoch_start - epoch_compile_seconds
     run.compile_seconds += epoch_compile_seconds
-    run.steps_done += len(step_losses)
     bar.close()
-    losses = np.array([float(value) for value in step_losses])
-    correct = sum(int(value) for value in step_correct)
+    return epoch_outcome(run, step_losses, step_correct, seen_examples)
+
+
+def epoch_outcome(run, step_losses, step_correct, seen_examples):
+    """(mean loss, accuracy) of an epoch from its per-step device values; None, with the step
+    recorded, if a loss is not finite."""
+    losses = np.concatenate([np.atleast_1d(np.asarray(run.module.to_numpy(value), np.float64))
+                             for value in step_losses])
+    bad_step = first_non_finite(losses)
+    if bad_step is not None:
+        run.diverged_at_step = run.steps_done + bad_step + 1
+        return None
+    run.steps_done += len(losses)
+    correct = sum(int(np.sum(run.module.to_numpy(value))) for value in step_correct)
     return losses.sum() / seen_examples, correct / seen_examples
 
 
@@ -153,9 +169,8 @@ def train_epoch_compiled(run, num_examples, batch_size, seed, epoch, max_batches
     batches in one call to the trainer and a partial last batch in another."""
     trainer = run.trainer
     batches = train_batch_indices(num_examples, batch_size, seed, epoch)[:max_batches]
-    groups = [np.stack([indices for indices in batches if len(indices) == batch_size])]
-    if len(batches[-1]) != batch_size:
-        groups.append(batches[-1][None])
+    full = [indices for indices in batches if len(indices) == batch_size]
+    groups = ([np.stack(full)] if full else []) + ([batches[-1][None]] if len(batches[-1]) != batch_size else [])
     bar = tqdm(total=len(batches), desc=f"{run.name} epoch {epoch}", unit="batch", leave=False,
                disable=not progress)
     run.model.train()
@@ -175,15 +190,7 @@ def train_epoch_compiled(run, num_examples, batch_size, seed, epoch, max_batches
     run.timed_examples += sum(len(indices) for indices in batches) - compile_examples
     bar.close()
     trainer.finish()
-    losses = np.concatenate([np.asarray(run.module.to_numpy(value), np.float64) for value in step_losses])
-    bad_step = first_non_finite(losses)
-    if bad_step is not None:
-        run.diverged_at_step = run.steps_done + bad_step + 1
-        return None
-    run.steps_done += len(losses)
-    seen_examples = sum(len(indices) for indices in batches)
-    correct = sum(int(np.sum(run.module.to_numpy(value))) for value in step_correct)
-    return losses.sum() / seen_examples, correct / seen_examples
+    return epoch_outcome(run, step_losses, step_correct, sum(len(indices) for indices in batches))
 
 
 def evaluate(run, images, labels, batch_size):

@@ -12,6 +12,8 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+from common.harness import framework_module  # noqa: E402
+
 RESULTS = "results.json"
 CURVES = "curves"          # .png and .svg
 DIVERGENCE = "divergence"  # .png and .svg
@@ -27,14 +29,8 @@ def environment(devices):
             return None
     packages = {name: package_version(name) for name in ("numpy", "torch", "jax", "jaxlib", "flax", "optax")}
     return {"python": platform.python_version(), **packages,
-            "devices": {framework: describe(framework, device) for framework, device in devices.items()}}
-
-
-def describe(framework, device):
-    from common.harness import framework_of  # noqa: PLC0415 (avoids a cycle at import time)
-    module = next(framework_of(name) for name in ("torch-scratch", "flax-scratch")
-                  if framework_of(name).FRAMEWORK == framework)
-    return module.device_description(device)
+            "devices": {framework: framework_module(framework).device_description(device)
+                        for framework, device in devices.items()}}
 
 
 def print_epoch(name, epoch):
