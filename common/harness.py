@@ -110,6 +110,7 @@ def train_epoch(run, images, labels, batch_size, seed, epoch, max_batches=None, 
         total = min(total, max_batches)
     model.train()
     step_losses, step_correct, seen_examples = [], [], 0
+    losses_read = []  # the step losses read back so far, for the progress bar
     bar = tqdm(total=total, desc=f"{run.name} epoch {epoch}", unit="batch", leave=False, disable=not progress)
     module.synchronize(model)
     epoch_start = time.perf_counter()
@@ -136,13 +137,13 @@ def train_epoch(run, images, labels, batch_size, seed, epoch, max_batches=None, 
         bar.update()
         if (step + 1) % PROGRESS_EVERY == 0 or step + 1 == total:
             # Reading values back synchronises; every PROGRESS_EVERY steps keeps that cheap.
-            losses = np.array([float(value) for value in step_losses])
-            bad_step = first_non_finite(losses)
+            losses_read.extend(float(value) for value in step_losses[len(losses_read):])
+            bad_step = first_non_finite(np.array(losses_read))
             if bad_step is not None:
                 run.diverged_at_step = run.steps_done + bad_step + 1
                 bar.close()
                 return None
-            bar.set_postfix(loss=f"{losses.sum() / seen_examples:.4f}")
+            bar.set_postfix(loss=f"{sum(losses_read) / seen_examples:.4f}")
     module.synchronize(model)
     run.train_seconds += time.perf_counter() - epoch_start - epoch_compile_seconds
     run.compile_seconds += epoch_compile_seconds
@@ -187,10 +188,11 @@ def train_epoch_compiled(run, num_examples, batch_size, seed, epoch, max_batches
     trainer.synchronize()
     run.train_seconds += time.perf_counter() - epoch_start - compile_seconds
     run.compile_seconds += compile_seconds
-    run.timed_examples += sum(len(indices) for indices in batches) - compile_examples
+    seen_examples = sum(len(indices) for indices in batches)
+    run.timed_examples += seen_examples - compile_examples
     bar.close()
     trainer.finish()
-    return epoch_outcome(run, step_losses, step_correct, sum(len(indices) for indices in batches))
+    return epoch_outcome(run, step_losses, step_correct, seen_examples)
 
 
 def evaluate(run, images, labels, batch_size):

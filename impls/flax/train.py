@@ -61,12 +61,15 @@ def loss_function(model, images, labels):
     return loss, logits
 
 
+# Gradients with respect to nnx.Param only: the moving statistics (nnx.BatchStat) get none.
+loss_value_and_gradients = nnx.value_and_grad(loss_function, argnums=nnx.DiffState(0, nnx.Param), has_aux=True)
+
+
 def sgd_step(model, optimizer, images, labels):
     """One SGD step in training mode. Returns (summed loss, number correct) as device scalars."""
-    # Gradients with respect to nnx.Param only; the moving statistics are updated as a side
-    # effect of the forward pass, which nnx.jit carries back into `model`.
-    gradient_function = nnx.value_and_grad(loss_function, argnums=nnx.DiffState(0, nnx.Param), has_aux=True)
-    (loss, logits), gradients = gradient_function(model, images, labels)
+    # The moving statistics are updated as a side effect of the forward pass; nnx.jit (or, on
+    # the fast path, nnx.state after nnx.merge) carries them back out.
+    (loss, logits), gradients = loss_value_and_gradients(model, images, labels)
     optimizer.update(model, gradients)
     # Summed rather than mean, so that a partial last batch weighs what it holds (as d2l counts).
     return loss * labels.shape[0], (logits.argmax(axis=1) == labels).sum()
@@ -84,8 +87,7 @@ def predict(model, images):
 
 def loss_and_gradients(model, images, labels):
     """(loss, logits, {canonical name: gradient}) for one batch, without an update; numpy out."""
-    gradient_function = nnx.value_and_grad(loss_function, argnums=nnx.DiffState(0, nnx.Param), has_aux=True)
-    (loss, logits), gradients = gradient_function(model, images, labels)
+    (loss, logits), gradients = loss_value_and_gradients(model, images, labels)
     # The gradients have the parameters' structure and layout: a model made of them exports
     # them to the canonical layout just as export_weights exports the parameters.
     gradient_model = nnx.merge(nnx.graphdef(model), gradients, nnx.state(model, nnx.Not(nnx.Param)))
