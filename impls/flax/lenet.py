@@ -11,6 +11,7 @@ from flax import nnx
 
 from common.init import BATCH_NORM_LAYERS, WEIGHT_NAMES
 from impls.flax.batch_norm import EPS, MOMENTUM, BatchNorm
+from impls.flax.cpu_conv import conv_general_dilated
 
 NORMS = ("scratch", "builtin")
 
@@ -43,9 +44,11 @@ class LeNet(nnx.Module):
         # Flax layers need a random key even though build_lenet overwrites every value.
         rngs = nnx.Rngs(0)
         layer_dtypes = dict(dtype=dtype, param_dtype=dtype, rngs=rngs)
-        self.conv1 = nnx.Conv(1, 6, kernel_size=(5, 5), padding="VALID", **layer_dtypes)
+        # XLA's convolution, with an input gradient that XLA:CPU computes faster (cpu_conv.py).
+        conv_options = dict(padding="VALID", conv_general_dilated=conv_general_dilated, **layer_dtypes)
+        self.conv1 = nnx.Conv(1, 6, kernel_size=(5, 5), **conv_options)
         self.bn1 = make_batch_norm(norm, 6, num_dims=4, dtype=dtype)
-        self.conv2 = nnx.Conv(6, 16, kernel_size=(5, 5), padding="VALID", **layer_dtypes)
+        self.conv2 = nnx.Conv(6, 16, kernel_size=(5, 5), **conv_options)
         self.bn2 = make_batch_norm(norm, 16, num_dims=4, dtype=dtype)
         self.fc1 = nnx.Linear(16 * 4 * 4, 120, **layer_dtypes)
         self.bn3 = make_batch_norm(norm, 120, num_dims=2, dtype=dtype)
