@@ -64,18 +64,20 @@ def test_lenet_runs_the_cpu_gradient_and_other_arguments_run_lax():
                                       lax.conv_general_dilated(lhs, kernel, **arguments))
 
 
-def test_ynnpack_fusions_are_off_for_this_process():
-    """The flag took: XLA:CPU compiles a convolution's kernel gradient without YNNPACK."""
+def test_ynnpack_runs_the_reductions_and_not_the_kernel_gradients():
+    """The flag took: XLA:CPU compiles a convolution's kernel gradient with its own code, and a
+    batch-norm mean with YNNPACK's."""
+    def compiled(function, *shapes):
+        return jax.jit(function).lower(*(jnp.ones(shape, jnp.float32) for shape in shapes)).compile().as_text()
     kernel_gradient = jax.grad(lambda kernel, images: jnp.sum(
         lax.conv_general_dilated(images, kernel, (1, 1), "VALID", dimension_numbers=NHWC) ** 2))
-    compiled = jax.jit(kernel_gradient).lower(jnp.ones((5, 5, 1, 6), jnp.float32),
-                                              jnp.ones((8, 28, 28, 1), jnp.float32)).compile().as_text()
-    assert "convolution" in compiled and "__ynn_fusion" not in compiled
+    assert "__ynn_fusion" not in compiled(kernel_gradient, (5, 5, 1, 6), (8, 28, 28, 1))
+    assert "__ynn_fusion" in compiled(lambda X: X.mean(axis=(0, 1, 2)), (256, 24, 24, 6))
 
 
 def test_the_ynnpack_flag_respects_the_users_setting_and_old_jaxlib():
     flag = "--xla_cpu_experimental_ynn_fusion_type="
-    assert impls.flax.without_ynnpack_fusions("", (0, 10)) == flag
-    assert impls.flax.without_ynnpack_fusions("--xla_dump_to=/tmp/x", (0, 11)) == f"--xla_dump_to=/tmp/x {flag}"
-    assert impls.flax.without_ynnpack_fusions(f"{flag}individual_dot", (0, 10)) == f"{flag}individual_dot"
-    assert impls.flax.without_ynnpack_fusions("", (0, 9)) == ""
+    assert impls.flax.without_ynnpack_convolutions("", (0, 10)) == f"{flag}reduce"
+    assert impls.flax.without_ynnpack_convolutions("--xla_dump_to=/tmp/x", (0, 11)) == f"--xla_dump_to=/tmp/x {flag}reduce"
+    assert impls.flax.without_ynnpack_convolutions(f"{flag}individual_dot", (0, 10)) == f"{flag}individual_dot"
+    assert impls.flax.without_ynnpack_convolutions("", (0, 9)) == ""
