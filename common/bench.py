@@ -66,9 +66,10 @@ def chapter_baseline(norm, weights, lr, batch_size, steps, repeats, data_dir, de
         with warnings.catch_warnings():
             # d2l asks for 4 workers whatever the machine; PyTorch warns where there are fewer cores.
             warnings.filterwarnings("ignore", message="This DataLoader will create")
-            # Workers from a fork server rather than os.fork() (d2l's default on Linux): by now JAX
-            # may have started its thread pools in this process, and forking a multithreaded
-            # process can deadlock. The clock does not run while workers start.
+            # Workers from a fork server rather than os.fork() (Python's default on Linux before
+            # 3.14, so d2l's there): by now JAX may have started its thread pools in this process,
+            # and forking a multithreaded process can deadlock. The clock does not run while
+            # workers start.
             loader = torch.utils.data.DataLoader(dataset, batch_size, shuffle=True, num_workers=BASELINE_WORKERS,
                                                  generator=torch.Generator().manual_seed(repeat),
                                                  multiprocessing_context="forkserver")

@@ -12,6 +12,13 @@ from impls.flax.cpu_conv import NHWC, conv_general_dilated
 from impls.flax.lenet import LeNet
 from tests.tolerances import FLOAT32_PASS, FLOAT64_PASS, assert_close
 
+@pytest.fixture(autouse=True)
+def on_the_cpu():
+    """What is tested here is what XLA:CPU runs, whatever JAX's default device."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        yield
+
+
 # (images, kernel) shapes: LeNet's two convolutions, a non-square kernel on a non-square image,
 # and a 1x1 kernel (no shifting at all).
 SHAPES = [((16, 28, 28, 1), (5, 5, 1, 6)), ((16, 12, 12, 6), (5, 5, 6, 16)),
@@ -55,13 +62,17 @@ def test_lenet_runs_the_cpu_gradient_and_other_arguments_run_lax():
     model.eval()  # a traced training pass would update the moving statistics from inside the trace
     assert count_custom_gradients(lambda X: model(X).sum(), jnp.ones((4, 28, 28, 1))) == 2  # conv1 and conv2
     # Arguments LeNet does not use go to lax.conv_general_dilated untouched.
-    for options in [dict(window_strides=(2, 2)), dict(padding="SAME"), dict(rhs_dilation=(2, 2)),
-                    dict(dimension_numbers=("NCHW", "HWIO", "NCHW"))]:
+    for options in [dict(window_strides=(2, 2)), dict(padding="SAME"), dict(padding=((1, 1), (1, 1))),
+                    dict(rhs_dilation=(2, 2)), dict(dimension_numbers=("NCHW", "HWIO", "NCHW"))]:
         arguments = dict(window_strides=(1, 1), padding="VALID", dimension_numbers=NHWC) | options
         lhs = images.transpose(0, 3, 1, 2) if arguments["dimension_numbers"][0] == "NCHW" else images
         assert count_custom_gradients(lambda lhs, rhs: conv_general_dilated(lhs, rhs, **arguments), lhs, kernel) == 0
         np.testing.assert_array_equal(conv_general_dilated(lhs, kernel, **arguments),
                                       lax.conv_general_dilated(lhs, kernel, **arguments))
+    # The spellings of LeNet's case that lax accepts all take the CPU gradient.
+    for padding in ["VALID", "valid", [(0, 0), (0, 0)]]:
+        assert count_custom_gradients(lambda lhs, rhs: conv_general_dilated(
+            lhs, rhs, (1, 1), padding, rhs_dilation=np.array([1, 1]), dimension_numbers=NHWC), images, kernel) == 1
 
 
 def test_ynnpack_runs_the_reductions_and_not_the_kernel_gradients():
@@ -77,7 +88,7 @@ def test_ynnpack_runs_the_reductions_and_not_the_kernel_gradients():
 
 def test_the_ynnpack_flag_respects_the_users_setting_and_old_jaxlib():
     flag = "--xla_cpu_experimental_ynn_fusion_type="
-    assert impls.flax.without_ynnpack_convolutions("", (0, 10)) == f"{flag}reduce"
-    assert impls.flax.without_ynnpack_convolutions("--xla_dump_to=/tmp/x", (0, 11)) == f"--xla_dump_to=/tmp/x {flag}reduce"
-    assert impls.flax.without_ynnpack_convolutions(f"{flag}individual_dot", (0, 10)) == f"{flag}individual_dot"
-    assert impls.flax.without_ynnpack_convolutions("", (0, 9)) == ""
+    assert impls.flax.ynnpack_for_reductions_only("", (0, 10)) == f"{flag}reduce"
+    assert impls.flax.ynnpack_for_reductions_only("--xla_dump_to=/tmp/x", (0, 11)) == f"--xla_dump_to=/tmp/x {flag}reduce"
+    assert impls.flax.ynnpack_for_reductions_only(f"{flag}individual_dot", (0, 10)) == f"{flag}individual_dot"
+    assert impls.flax.ynnpack_for_reductions_only("", (0, 9)) == ""

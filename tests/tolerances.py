@@ -20,10 +20,11 @@ FLOAT32_PASS = 1e-4
 FLOAT64_TRAJECTORY = 1e-9
 
 # After 100 SGD steps in float32: rounding compounds through lr-1.0 updates, peaks around step 46
-# (a batch where the dynamics amplify it) and levels off near 1e-4. Measured max 4e-4 in the
-# parameters and 5e-4 in the loss (torch-builtin against the others). How far it goes depends
-# on how accurately each library sums: with XLA:CPU's own float32 reductions instead of YNNPACK's
-# it reached 2e-3 (impls/flax/__init__.py keeps YNNPACK's). 2x the measurement.
+# (a batch where the dynamics amplify it) and levels off near 1e-4. Measured max between any two
+# implementations: 4e-4 in the parameters and 5e-4 in the loss (torch-builtin against the
+# others). How far it goes depends on how accurately each library sums: with XLA:CPU's own
+# float32 reductions instead of YNNPACK's, the same pairs reached 2e-3 (impls/flax/__init__.py
+# keeps YNNPACK's, and tests/test_cpu_conv.py checks that it does). 2x the loss's measurement.
 FLOAT32_TRAJECTORY = 1e-3
 
 # A single batch-norm layer against the NumPy reference, relative to the reference's largest

@@ -2,7 +2,7 @@
 convolutions, forward and backward, are oneDNN's.
 
 Profiling the Flax step on the CPU (README, "Where the time goes") showed XLA:CPU's own
-convolutions to be most of its cost. The largest single item is the gradient of the second
+convolutions to be most of its cost. The largest single item was the gradient of the second
 convolution with respect to its input, which XLA computes as a convolution of the zero-padded
 output gradient with the flipped kernel: about 2.7 ms of a 13.5 ms step (this project's 2-core
 machine, float32, batch 256). Written as one matrix product of the output gradient with the
@@ -12,11 +12,12 @@ one loop.
 
 `conv_general_dilated` takes the place of `jax.lax.conv_general_dilated` in nnx.Conv. Its value
 and its gradient with respect to the kernel are XLA's own. On the CPU, for the case LeNet uses
-(stride 1, no padding, no dilation, NHWC input, HWIO kernel, no groups), its gradient with respect
-to the input is the col2im above; anywhere else (GPUs, other arguments) it is exactly
-`jax.lax.conv_general_dilated`. The col2im gradient differs from XLA's only by float rounding
-(the sums run in another order); tests/test_models.py holds it to XLA's within the parity
-tolerances.
+(float32 or float64, stride 1, no padding, no dilation, NHWC input, HWIO kernel, no groups), its
+gradient with respect to the input is the col2im above; anywhere else (GPUs, other arguments)
+it is exactly `jax.lax.conv_general_dilated`. The col2im gradient differs from XLA's only by
+float rounding (the sums run in another order): tests/test_cpu_conv.py holds it to XLA's, and
+the model-level tests to PyTorch's, within the parity tolerances. A custom gradient has a price:
+on the CPU, forward-mode differentiation (jax.jvp, jax.jacfwd) through LeNet is refused.
 """
 
 import jax
@@ -71,10 +72,14 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
         return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                         dimension_numbers, feature_group_count, **options)
 
-    lenets_case = (lhs.ndim == 4 and tuple(window_strides) == (1, 1)
-                   and (padding == "VALID" or tuple(map(tuple, padding)) == ((0, 0), (0, 0)))
-                   and lhs_dilation in (None, (1, 1)) and rhs_dilation in (None, (1, 1))
-                   and feature_group_count == 1
+    def is_unit(dilation):
+        return dilation is None or tuple(dilation) == (1, 1)
+
+    no_padding = (padding.upper() == "VALID" if isinstance(padding, str)
+                  else tuple(map(tuple, padding)) == ((0, 0), (0, 0)))
+    lenets_case = (lhs.ndim == 4 and lhs.dtype in (jnp.float32, jnp.float64) and rhs.dtype == lhs.dtype
+                   and tuple(window_strides) == (1, 1) and no_padding
+                   and is_unit(lhs_dilation) and is_unit(rhs_dilation) and feature_group_count == 1
                    and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
                    == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC)
                    and all(value is None for value in options.values()))

@@ -73,5 +73,8 @@ class BatchNorm(nn.Module):
             X, self.gamma, self.beta, self.moving_mean, self.moving_var,
             eps=EPS, momentum=MOMENTUM, training=self.training)
         if self.training:
-            self.moving_mean, self.moving_var = moving_mean, moving_var
+            # In place, as nn.BatchNorm2d updates its buffers: they keep their memory, which
+            # a CUDA graph (the fast path on a GPU) reads and writes at every replay.
+            self.moving_mean.copy_(moving_mean)
+            self.moving_var.copy_(moving_var)
         return Y
