@@ -58,19 +58,15 @@ def loss_and_counts(model, images, labels):
     return loss, loss.detach() * labels.shape[0], (logits.argmax(dim=1) == labels).sum()
 
 
-def apply_gradients(optimizer, loss):
-    """One SGD update from the loss's gradients (Flax: optimizer.update, inside sgd_step)."""
+def train_step(model, optimizer, images, labels, compute_loss=loss_and_counts):
+    """One SGD step in training mode. Returns (summed loss, number correct) as device scalars.
+    The fast path passes loss_and_counts compiled as compute_loss."""
+    loss, loss_sum, correct = compute_loss(model, images, labels)
     # Autograd recorded the forward pass; backward() fills .grad of every nn.Parameter, and
     # buffers such as the moving statistics never receive one.
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
-
-
-def train_step(model, optimizer, images, labels):
-    """One SGD step in training mode. Returns (summed loss, number correct) as device scalars."""
-    loss, loss_sum, correct = loss_and_counts(model, images, labels)
-    apply_gradients(optimizer, loss)
     return loss_sum, correct
 
 
@@ -137,9 +133,8 @@ class FastTrainer:
                 start = time.perf_counter()
             # The gather stays outside the compiled graph: inside, a CUDA graph would take the
             # whole training set as an input and copy it into its own buffer at every replay.
-            loss, loss_sum, correct = self.compiled_loss_and_counts(
-                self.model, self.images[indices], self.labels[indices])
-            apply_gradients(self.optimizer, loss)
+            loss_sum, correct = train_step(self.model, self.optimizer, self.images[indices], self.labels[indices],
+                                           compute_loss=self.compiled_loss_and_counts)
             if new_shape:
                 self.synchronize()
                 compile_seconds += time.perf_counter() - start
