@@ -12,6 +12,7 @@ from impls.flax.cpu_conv import NHWC, conv_general_dilated
 from impls.flax.lenet import LeNet
 from tests.tolerances import FLOAT32_PASS, FLOAT64_PASS, assert_close
 
+
 @pytest.fixture(autouse=True)
 def on_the_cpu():
     """What is tested here is what XLA:CPU runs, whatever JAX's default device."""
