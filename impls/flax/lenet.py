@@ -44,7 +44,7 @@ class LeNet(nnx.Module):
         # Flax layers need a random key even though build_lenet overwrites every value.
         rngs = nnx.Rngs(0)
         layer_dtypes = dict(dtype=dtype, param_dtype=dtype, rngs=rngs)
-        # XLA's convolution, with an input gradient that XLA:CPU computes faster (cpu_conv.py).
+        # XLA's convolution; on the CPU, rewritten into one that XLA:CPU computes faster (cpu_conv.py).
         conv_options = dict(padding="VALID", conv_general_dilated=conv_general_dilated, **layer_dtypes)
         self.conv1 = nnx.Conv(1, 6, kernel_size=(5, 5), **conv_options)
         self.bn1 = make_batch_norm(norm, 6, num_dims=4, dtype=dtype)
