@@ -94,6 +94,7 @@ def implementation_figures(name, mode, weights, train_images, train_labels, lr, 
     run = start_run(name, weights, lr, device, mode, train_images, train_labels)
     module, model = run.module, run.model
     model.train()
+    train_step = module.bound_train_step(model, run.optimizer)  # as compare.py's eager loop
     batches = data.train_batch_indices(len(train_labels), batch_size, seed=0, epoch=1)
     full = [indices for indices in batches if len(indices) == batch_size]
 
@@ -109,7 +110,7 @@ def implementation_figures(name, mode, weights, train_images, train_labels, lr, 
         for batch in indices:
             X, y = module.to_device(data.to_layout(train_images[batch], module.LAYOUT), train_labels[batch],
                                     device, run.dtype)
-            module.train_step(model, run.optimizer, X, y)
+            train_step(X, y)
         module.synchronize(model)
 
     # Warm-up: compiles the step (or the whole scan over `steps` batches) once.

@@ -109,6 +109,7 @@ def train_epoch(run, images, labels, batch_size, seed, epoch, max_batches=None, 
     if max_batches is not None:
         total = min(total, max_batches)
     model.train()
+    train_step = module.bound_train_step(model, run.optimizer)
     step_losses, step_correct, seen_examples = [], [], 0
     losses_read = []  # the step losses read back so far, for the progress bar
     bar = tqdm(total=total, desc=f"{run.name} epoch {epoch}", unit="batch", leave=False, disable=not progress)
@@ -121,13 +122,13 @@ def train_epoch(run, images, labels, batch_size, seed, epoch, max_batches=None, 
             break
         X, y = module.to_device(batch_images, batch_labels, run.device, run.dtype)
         if X.shape in run.seen_shapes:
-            loss_sum, correct = module.train_step(model, run.optimizer, X, y)
+            loss_sum, correct = train_step(X, y)
             run.timed_examples += len(batch_labels)
         else:
             # A new shape: JAX traces and compiles here. Time it apart.
             module.synchronize(model)
             compile_start = time.perf_counter()
-            loss_sum, correct = module.train_step(model, run.optimizer, X, y)
+            loss_sum, correct = train_step(X, y)
             module.synchronize(model)
             epoch_compile_seconds += time.perf_counter() - compile_start
             run.seen_shapes.add(X.shape)

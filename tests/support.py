@@ -26,11 +26,12 @@ def trajectory(name, weights, train_images, train_labels, steps, batch_size=256,
     dtype = weights["conv1.weight"].dtype
     optimizer = module.make_optimizer(model, lr)
     model.train()
+    train_step = module.bound_train_step(model, optimizer)  # as compare.py's loop trains
     losses, snapshots = [], []
     batches = train_batches(train_images, train_labels, batch_size, seed, epoch=1, layout=module.LAYOUT)
     for _, (images, labels) in zip(range(steps), batches):
         X, y = module.to_device(images, labels, device, dtype)
-        loss_sum, _ = module.train_step(model, optimizer, X, y)
+        loss_sum, _ = train_step(X, y)
         losses.append(float(loss_sum) / len(labels))
         snapshots.append(module.export_weights(model))
     return np.array(losses), snapshots, (module, model, device)

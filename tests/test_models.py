@@ -2,6 +2,7 @@
 inference after training, errors, and the state that moves with a model."""
 
 import itertools
+from functools import partial
 
 import jax.numpy as jnp
 import numpy as np
@@ -250,6 +251,36 @@ def test_flax_scratch_moving_statistics_are_batch_stats_the_optimizer_leaves_alo
     # One update from (0, 1) with momentum 0.9: 0.1 of the batch's statistics.
     assert np.all(np.abs(moved["bn1.moving_mean"]) > 0)
     assert np.all(moved["bn1.moving_var"] != 1)
+
+
+# --- the bound step compare.py's loop uses ---------------------------------------------------------
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bound_train_step_trains_as_train_step_across_evaluations(name, first_batch):
+    """compare.py binds the step to the model once per epoch (bound_train_step; in Flax,
+    nnx.cached_partial, which trains a copy of the model sharing its Variables). Two epochs of two
+    steps, each followed by an evaluation, must give train_step's numbers exactly, and the model
+    evaluated must be the one trained."""
+    images, labels = first_batch
+    results = {}
+    for way in ("train_step", "bound_train_step"):
+        module, model, device = build(name, canonical_weights(0, np.float64))
+        optimizer = module.make_optimizer(model, 1.0)
+        X, y = inputs(module, device, images, labels, np.float64)
+        losses, logits = [], []
+        for _ in range(2):
+            model.train()
+            step = (module.bound_train_step(model, optimizer) if way == "bound_train_step"
+                    else partial(module.train_step, model, optimizer))
+            losses += [float(step(X, y)[0]) for _ in range(2)]
+            model.eval()
+            logits.append(module.to_numpy(module.predict(model, X)))
+        results[way] = losses, logits, module.export_weights(model)
+    (losses, logits, weights), (bound_losses, bound_logits, bound_weights) = results.values()
+    assert bound_losses == losses and len(set(losses)) == 4
+    np.testing.assert_array_equal(np.stack(bound_logits), np.stack(logits))
+    for key in WEIGHT_NAMES:
+        np.testing.assert_array_equal(bound_weights[key], weights[key], err_msg=key)
 
 
 @pytest.mark.parametrize("name", NAMES)

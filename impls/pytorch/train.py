@@ -2,10 +2,11 @@
 
 The same small interface in both frameworks lets compare.py and the tests drive either
 without knowing which: select_device, to_device, build_lenet, make_optimizer, train_step,
-predict, loss_and_gradients, synchronize, to_numpy, export_weights.
+bound_train_step, predict, loss_and_gradients, synchronize, to_numpy, export_weights.
 """
 
 import time
+from functools import partial
 
 import numpy as np
 import torch
@@ -68,6 +69,14 @@ def train_step(model, optimizer, images, labels, compute_loss=loss_and_counts):
     loss.backward()
     optimizer.step()
     return loss_sum, correct
+
+
+def bound_train_step(model, optimizer):
+    """train_step(model, optimizer, ...) as a function of the batch alone, for a loop in which the
+    model does not change mode: make it after model.train(), and again after an evaluation."""
+    # Nothing to save here: PyTorch finds the parameters through the optimizer. The Flax twin
+    # binds them to save NNX's walk over the model at every call.
+    return partial(train_step, model, optimizer)
 
 
 @torch.no_grad()
