@@ -7,7 +7,8 @@ which runs only around each step (moving the batch to the device, forward, backw
 reading the loss back), not while the DataLoader produces the next batch.
 
 Every figure is the median of --repeats timings of --bench-batches full batches, after a
-warm-up (compilation) that is timed and reported apart.
+warm-up (compilation) that is timed and reported apart. The repeats go round-robin over all
+contenders, so that the machine's drift falls on all of them alike.
 """
 
 import gzip
@@ -49,8 +50,9 @@ def torchvision_root(data_dir=None):
     return str(root)
 
 
-def chapter_baseline(norm, weights, lr, batch_size, steps, repeats, data_dir, device):
-    """d2l's train_ch6 loop, rebuilt: examples/sec as it counts them, for each repeat."""
+def chapter_baseline(norm, weights, lr, batch_size, steps, data_dir, device):
+    """d2l's train_ch6 loop, rebuilt, warmed up; returns a function that times one repeat of it
+    (examples/sec as d2l counts them)."""
     import torch
     import torchvision
     from torchvision import transforms
@@ -61,8 +63,8 @@ def chapter_baseline(norm, weights, lr, batch_size, steps, repeats, data_dir, de
     model = module.build_lenet(weights, norm, device)
     optimizer = module.make_optimizer(model, lr)
     model.train()
-    figures = []
-    for repeat in range(repeats + 1):  # the first pass warms up, as every other path does
+
+    def one_repeat(repeat):
         with warnings.catch_warnings():
             # d2l asks for 4 workers whatever the machine; PyTorch warns where there are fewer cores.
             warnings.filterwarnings("ignore", message="This DataLoader will create")
@@ -82,15 +84,16 @@ def chapter_baseline(norm, weights, lr, batch_size, steps, repeats, data_dir, de
             float(loss_sum), int(correct)  # d2l's Accumulator reads both back: a synchronisation
             timed_seconds += time.perf_counter() - start
             timed_examples += len(y)
-        if repeat:
-            figures.append(timed_examples / timed_seconds)
         del iterator, loader  # their worker processes end with them
-    return figures
+        return timed_examples / timed_seconds
+
+    one_repeat(0)  # the first pass warms up, as every other path does
+    return one_repeat
 
 
-def implementation_figures(name, mode, weights, train_images, train_labels, lr, batch_size, steps, repeats,
-                           device):
-    """Warm-up seconds and examples/sec of each repeat, for one implementation in one mode."""
+def implementation_timer(name, mode, weights, train_images, train_labels, lr, batch_size, steps, device):
+    """One implementation in one mode, warmed up: (warm-up seconds, a function that times one
+    repeat of `steps` batches and returns examples/sec)."""
     run = start_run(name, weights, lr, device, mode, train_images, train_labels)
     module, model = run.module, run.model
     model.train()
@@ -113,57 +116,67 @@ def implementation_figures(name, mode, weights, train_images, train_labels, lr, 
             train_step(X, y)
         module.synchronize(model)
 
-    # Warm-up: compiles the step (or the whole scan over `steps` batches) once.
     synchronize = run.trainer.synchronize if mode == "compiled" else (lambda: module.synchronize(model))
-    synchronize()
-    start = time.perf_counter()
-    train(window(0, steps if mode == "compiled" else WARMUP_BATCHES))
-    warmup_seconds = time.perf_counter() - start
-    figures = []
-    for repeat in range(1, repeats + 1):
+
+    def one_repeat(repeat):
         indices = window(repeat, steps)
         synchronize()
         start = time.perf_counter()
         train(indices)
-        figures.append(len(indices) * batch_size / (time.perf_counter() - start))
-    return warmup_seconds, figures
+        return len(indices) * batch_size / (time.perf_counter() - start)
+
+    # Warm-up: compiles the step (or the whole scan over `steps` batches) once.
+    synchronize()
+    start = time.perf_counter()
+    train(window(0, steps if mode == "compiled" else WARMUP_BATCHES))
+    return time.perf_counter() - start, one_repeat
 
 
 def benchmark(args, weights, dataset, devices, modes=("eager", "compiled")):
-    """Measure everything; returns the bench.json content."""
+    """Measure everything; returns the bench.json content.
+
+    Every contender is built and warmed up first; then the repeats go round, each timing every
+    contender once. A slow minute on a shared machine then slows all of them alike, instead of
+    whichever happened to be measured in it, and the ratios stay fair."""
     train_images, train_labels = dataset[0], dataset[1]
-    rows = []
     norms = sorted({IMPLEMENTATIONS[name][1] for name in args.impls}, key=["scratch", "builtin"].index)
-    progress = tqdm(total=len(norms) + len(args.impls) * len(modes), desc="benchmark", unit="figure",
+    contenders = len(norms) + len(args.impls) * len(modes)
+    progress = tqdm(total=contenders * (1 + args.repeats), desc="benchmark", unit="timing",
                     disable=args.no_progress)
     torch_module = framework_of("torch-scratch")
     torch_device = devices.get("pytorch") or torch_module.select_device(args.device)
-    baseline = {}
+    rows, timers = [], []
     for norm in norms:
-        figures = chapter_baseline(norm, weights, args.lr, args.batch_size, args.bench_batches, args.repeats,
-                                   args.data_dir, torch_device)
-        baseline[norm] = statistics.median(figures)
-        rows.append({"implementation": f"chapter loop ({norm})", "mode": "d2l train_ch6",
-                     "device": torch_module.device_description(torch_device),
-                     "examples_per_sec": baseline[norm], "repeats": figures, "compile_seconds": None,
-                     "ratio_to_baseline": 1.0})
+        timers.append(chapter_baseline(norm, weights, args.lr, args.batch_size, args.bench_batches, args.data_dir,
+                                       torch_device))
+        rows.append({"implementation": f"chapter loop ({norm})", "mode": "d2l train_ch6", "norm": norm,
+                     "device": torch_module.device_description(torch_device), "compile_seconds": None})
         progress.update()
     for name in args.impls:
         framework, norm = IMPLEMENTATIONS[name]
         for mode in modes:
-            warmup, figures = implementation_figures(name, mode, weights, train_images, train_labels, args.lr,
-                                                     args.batch_size, args.bench_batches, args.repeats,
-                                                     devices[framework])
-            median = statistics.median(figures)
-            rows.append({"implementation": name, "mode": mode,
+            warmup, timer = implementation_timer(name, mode, weights, train_images, train_labels, args.lr,
+                                                 args.batch_size, args.bench_batches, devices[framework])
+            timers.append(timer)
+            rows.append({"implementation": name, "mode": mode, "norm": norm,
                          "device": framework_of(name).device_description(devices[framework]),
-                         "examples_per_sec": median, "repeats": figures, "compile_seconds": warmup,
-                         "ratio_to_baseline": median / baseline[norm]})
+                         "compile_seconds": warmup})
+            progress.update()
+    for row in rows:
+        row["repeats"] = []
+    for repeat in range(1, args.repeats + 1):
+        for row, timer in zip(rows, timers):
+            row["repeats"].append(timer(repeat))
             progress.update()
     progress.close()
+    for row in rows:
+        row["examples_per_sec"] = statistics.median(row["repeats"])
+    baseline = {row["norm"]: row["examples_per_sec"] for row in rows if row["mode"] == "d2l train_ch6"}
+    for row in rows:
+        row["ratio_to_baseline"] = row["examples_per_sec"] / baseline[row.pop("norm")]
     return {"config": {"batch_size": args.batch_size, "lr": args.lr, "dtype": "float32",
                        "bench_batches": args.bench_batches, "repeats": args.repeats, "impls": args.impls,
-                       "baseline_workers": BASELINE_WORKERS},
+                       "baseline_workers": BASELINE_WORKERS, "order": "round-robin"},
             "rows": rows}
 
 
@@ -178,7 +191,8 @@ def print_table(results):
     print("\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines))
     config = results["config"]
     print(f"(median of {config['repeats']} repeats of {config['bench_batches']} batches of {config['batch_size']}, "
-          f"{config['dtype']}; warm-up timed apart; 'x chapter loop' is against the loop with the same batch norm)")
+          f"{config['dtype']}, taken round-robin over the rows; warm-up timed apart; 'x chapter loop' is against the "
+          "loop with the same batch norm)")
 
 
 def write(results, out):
