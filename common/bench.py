@@ -7,8 +7,8 @@ which runs only around each step (moving the batch to the device, forward, backw
 reading the loss back), not while the DataLoader produces the next batch.
 
 Every figure is the median of --repeats timings of --bench-batches full batches, after a
-warm-up (compilation) that is timed and reported apart. The repeats go round-robin over all
-contenders, so that the machine's drift falls on all of them alike.
+warm-up (compilation) that is timed and reported apart. The repeats go in rounds, each timing
+every row once, so that the machine's drift falls on all of them alike.
 """
 
 import gzip
@@ -97,7 +97,8 @@ def implementation_timer(name, mode, weights, train_images, train_labels, lr, ba
     run = start_run(name, weights, lr, device, mode, train_images, train_labels)
     module, model = run.module, run.model
     model.train()
-    train_step = module.bound_train_step(model, run.optimizer)  # as compare.py's eager loop
+    if mode == "eager":
+        train_step = module.bound_train_step(model, run.optimizer)  # as compare.py's eager loop
     batches = data.train_batch_indices(len(train_labels), batch_size, seed=0, epoch=1)
     full = [indices for indices in batches if len(indices) == batch_size]
 
@@ -135,14 +136,14 @@ def implementation_timer(name, mode, weights, train_images, train_labels, lr, ba
 def benchmark(args, weights, dataset, devices, modes=("eager", "compiled")):
     """Measure everything; returns the bench.json content.
 
-    Every contender is built and warmed up first; then the repeats go round, each timing every
-    contender once. A slow minute on a shared machine then slows all of them alike, instead of
-    whichever happened to be measured in it, and the ratios stay fair."""
+    Every row is built and warmed up first (all at once: in compiled mode each holds the training
+    set on its device); then the repeats go in rounds, each timing every row once. A slow minute on a
+    shared machine then slows all of them alike, instead of whichever happened to be measured in
+    it, and the ratios stay fair."""
     train_images, train_labels = dataset[0], dataset[1]
     norms = sorted({IMPLEMENTATIONS[name][1] for name in args.impls}, key=["scratch", "builtin"].index)
-    contenders = len(norms) + len(args.impls) * len(modes)
-    progress = tqdm(total=contenders * (1 + args.repeats), desc="benchmark", unit="timing",
-                    disable=args.no_progress)
+    timings = (len(norms) + len(args.impls) * len(modes)) * (1 + args.repeats)
+    progress = tqdm(total=timings, desc="benchmark", unit="timing", disable=args.no_progress)
     torch_module = framework_of("torch-scratch")
     torch_device = devices.get("pytorch") or torch_module.select_device(args.device)
     rows, timers = [], []
@@ -165,8 +166,10 @@ def benchmark(args, weights, dataset, devices, modes=("eager", "compiled")):
     for row in rows:
         row["repeats"] = []
     for repeat in range(1, args.repeats + 1):
-        for row, timer in zip(rows, timers):
-            row["repeats"].append(timer(repeat))
+        # Each round in another order (seeded, so that a rerun repeats it): no row always runs
+        # right after the same neighbour, whose threads or worker processes may still wind down.
+        for index in np.random.default_rng(repeat).permutation(len(rows)):
+            rows[index]["repeats"].append(timers[index](repeat))
             progress.update()
     progress.close()
     for row in rows:
@@ -176,7 +179,8 @@ def benchmark(args, weights, dataset, devices, modes=("eager", "compiled")):
         row["ratio_to_baseline"] = row["examples_per_sec"] / baseline[row.pop("norm")]
     return {"config": {"batch_size": args.batch_size, "lr": args.lr, "dtype": "float32",
                        "bench_batches": args.bench_batches, "repeats": args.repeats, "impls": args.impls,
-                       "baseline_workers": BASELINE_WORKERS, "order": "round-robin"},
+                       "baseline_workers": BASELINE_WORKERS,
+                       "order": "rounds, each timing every row once, in a seeded random order"},
             "rows": rows}
 
 
@@ -191,7 +195,7 @@ def print_table(results):
     print("\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines))
     config = results["config"]
     print(f"(median of {config['repeats']} repeats of {config['bench_batches']} batches of {config['batch_size']}, "
-          f"{config['dtype']}, taken round-robin over the rows; warm-up timed apart; 'x chapter loop' is against the "
+          f"{config['dtype']}, taken in rounds over all rows; warm-up timed apart; 'x chapter loop' is against the "
           "loop with the same batch norm)")
 
 

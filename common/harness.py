@@ -108,7 +108,7 @@ def train_epoch(run, images, labels, batch_size, seed, epoch, max_batches=None, 
     total = num_batches(len(labels), batch_size)
     if max_batches is not None:
         total = min(total, max_batches)
-    model.train()
+    # Training mode, and the step bound to the model for this epoch (evaluations come between).
     train_step = module.bound_train_step(model, run.optimizer)
     step_losses, step_correct, seen_examples = [], [], 0
     losses_read = []  # the step losses read back so far, for the progress bar

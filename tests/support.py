@@ -25,8 +25,7 @@ def trajectory(name, weights, train_images, train_labels, steps, batch_size=256,
     module, model, device = build(name, weights)
     dtype = weights["conv1.weight"].dtype
     optimizer = module.make_optimizer(model, lr)
-    model.train()
-    train_step = module.bound_train_step(model, optimizer)  # as compare.py's loop trains
+    train_step = module.bound_train_step(model, optimizer)  # training mode, as compare.py's loop trains
     losses, snapshots = [], []
     batches = train_batches(train_images, train_labels, batch_size, seed, epoch=1, layout=module.LAYOUT)
     for _, (images, labels) in zip(range(steps), batches):

@@ -51,11 +51,11 @@ def value_and_gradients(conv, images, kernel, output_weights):
     return output, images_gradient, kernel_gradient
 
 
-def derivative(conv, images, kernel, output_weights):
+def derivative(conv, images, kernel):
     """Forward mode: how the output moves along a direction in both images and kernel."""
     def output(images, kernel):
         return conv(images, kernel, (1, 1), "VALID", dimension_numbers=NHWC)
-    return jax.jvp(output, (images, kernel), (jnp.cos(images), jnp.sin(kernel)))[1] * output_weights
+    return jax.jvp(output, (images, kernel), (jnp.cos(images), jnp.sin(kernel)))[1]
 
 
 DTYPES = pytest.mark.parametrize("dtype, bound", [(np.float64, FLOAT64_PASS), (np.float32, FLOAT32_PASS)],
@@ -79,16 +79,17 @@ def test_value_and_both_gradients_are_xlas(images_shape, kernel_shape, dtype, bo
         assert mine.dtype == theirs.dtype == dtype
         # The kernel gradient sums over every output position of the batch (9,216 in conv1's
         # case): it is of order 100, and its rounding with it.
-        assert_close(quantity, "cpu_conv", mine, "lax.conv_general_dilated", theirs, bound * magnitude(theirs))
+        assert_close(quantity, "space_to_depth_conv", mine, "lax.conv_general_dilated", theirs,
+                     bound * magnitude(theirs))
 
 
 @SHAPE_CASES
 @DTYPES
 def test_forward_mode_derivative_is_xlas(images_shape, kernel_shape, dtype, bound):
-    problem = random_problem(images_shape, kernel_shape, dtype)
-    assert_close("derivative", "cpu_conv", jax.jit(lambda *a: derivative(conv_general_dilated, *a))(*problem),
-                 "lax.conv_general_dilated", jax.jit(lambda *a: derivative(lax.conv_general_dilated, *a))(*problem),
-                 bound)
+    images, kernel, _ = random_problem(images_shape, kernel_shape, dtype)
+    ours = jax.jit(lambda *a: derivative(conv_general_dilated, *a))(images, kernel)
+    xlas = jax.jit(lambda *a: derivative(lax.conv_general_dilated, *a))(images, kernel)
+    assert_close("derivative", "space_to_depth_conv", ours, "lax.conv_general_dilated", xlas, bound)
 
 
 def test_block_sizes():
@@ -98,10 +99,11 @@ def test_block_sizes():
     assert block_size((8, 8, 12, 2), (3, 5, 2, 5)) == 2  # blocks of 4 would not tile the 6x8 output
     assert block_size((8, 16, 16, 16), (5, 5, 16, 8)) == 1  # channels enough already
     assert block_size((8, 9, 7, 2), (2, 4, 2, 5)) == 1  # no block size tiles 9x7
+    assert block_size((8, 4, 4, 1), (9, 9, 1, 2)) == 1  # a kernel larger than the images: lax's case
 
 
-def count_space_to_depth(function, *arguments):
-    """How many convolutions the jaxpr chooses per platform (the CPU's being cpu_conv)."""
+def count_platform_choices(function, *arguments):
+    """How many convolutions the jaxpr chooses per platform (the CPU's being space_to_depth_conv)."""
     return str(jax.make_jaxpr(function)(*arguments)).count("platform_index")
 
 
@@ -117,7 +119,7 @@ def test_lenet_runs_space_to_depth_on_the_cpu_and_other_arguments_run_lax():
     images, kernel = jnp.ones((2, 12, 12, 6)), jnp.ones((5, 5, 6, 16))
     model = LeNet("scratch")
     model.eval()  # a traced training pass would update the moving statistics from inside the trace
-    assert count_space_to_depth(lambda X: model(X).sum(), jnp.ones((4, 28, 28, 1))) == 2  # conv1 and conv2
+    assert count_platform_choices(lambda X: model(X).sum(), jnp.ones((4, 28, 28, 1))) == 2  # conv1 and conv2
     # The gradient of the parameters runs no convolution but blocked ones: conv1 in blocks of 4
     # (7x7x16 -> 6x6x96, and its kernel gradient), conv2 in blocks of 2 (6x6x24 -> 4x4x64, and
     # its kernel and input gradients).
@@ -129,12 +131,12 @@ def test_lenet_runs_space_to_depth_on_the_cpu_and_other_arguments_run_lax():
                     dict(rhs_dilation=(2, 2)), dict(dimension_numbers=("NCHW", "HWIO", "NCHW"))]:
         arguments = dict(window_strides=(1, 1), padding="VALID", dimension_numbers=NHWC) | options
         lhs = images.transpose(0, 3, 1, 2) if arguments["dimension_numbers"][0] == "NCHW" else images
-        assert count_space_to_depth(lambda lhs, rhs: conv_general_dilated(lhs, rhs, **arguments), lhs, kernel) == 0
+        assert count_platform_choices(lambda lhs, rhs: conv_general_dilated(lhs, rhs, **arguments), lhs, kernel) == 0
         np.testing.assert_array_equal(conv_general_dilated(lhs, kernel, **arguments),
                                       lax.conv_general_dilated(lhs, kernel, **arguments))
     # The spellings of LeNet's case that lax accepts are all blocked.
     for padding in ["VALID", "valid", [(0, 0), (0, 0)]]:
-        assert count_space_to_depth(lambda lhs, rhs: conv_general_dilated(
+        assert count_platform_choices(lambda lhs, rhs: conv_general_dilated(
             lhs, rhs, (1, 1), padding, rhs_dilation=np.array([1, 1]), dimension_numbers=NHWC), images, kernel) == 1
 
 
@@ -145,6 +147,8 @@ def test_ynnpack_runs_the_reductions_and_not_the_kernel_gradients():
         return jax.jit(function).lower(*(jnp.ones(shape, jnp.float32) for shape in shapes)).compile().as_text()
     kernel_gradient = jax.grad(lambda kernel, images: jnp.sum(
         lax.conv_general_dilated(images, kernel, (1, 1), "VALID", dimension_numbers=NHWC) ** 2))
+    # conv1's, blocked as LeNet runs it (space_to_depth_conv), and as XLA's own.
+    assert "__ynn_fusion" not in compiled(kernel_gradient, (2, 2, 16, 96), (8, 7, 7, 16))
     assert "__ynn_fusion" not in compiled(kernel_gradient, (5, 5, 1, 6), (8, 28, 28, 1))
     assert "__ynn_fusion" in compiled(lambda X: X.mean(axis=(0, 1, 2)), (256, 24, 24, 6))
 

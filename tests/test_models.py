@@ -257,10 +257,10 @@ def test_flax_scratch_moving_statistics_are_batch_stats_the_optimizer_leaves_alo
 
 @pytest.mark.parametrize("name", NAMES)
 def test_bound_train_step_trains_as_train_step_across_evaluations(name, first_batch):
-    """compare.py binds the step to the model once per epoch (bound_train_step; in Flax,
-    nnx.cached_partial, which trains a copy of the model sharing its Variables). Two epochs of two
-    steps, each followed by an evaluation, must give train_step's numbers exactly, and the model
-    evaluated must be the one trained."""
+    """compare.py binds the step to the model once per epoch, after the last evaluation
+    (bound_train_step; in Flax, nnx.cached_partial, which trains a copy of the model sharing its
+    Variables). Two epochs of two steps, each followed by an evaluation, must give train_step's
+    numbers in training mode exactly, and the model evaluated must be the one trained."""
     images, labels = first_batch
     results = {}
     for way in ("train_step", "bound_train_step"):
@@ -269,9 +269,12 @@ def test_bound_train_step_trains_as_train_step_across_evaluations(name, first_ba
         X, y = inputs(module, device, images, labels, np.float64)
         losses, logits = [], []
         for _ in range(2):
-            model.train()
-            step = (module.bound_train_step(model, optimizer) if way == "bound_train_step"
-                    else partial(module.train_step, model, optimizer))
+            model.eval()  # as after an evaluation: bound_train_step must put the model in training mode
+            if way == "bound_train_step":
+                step = module.bound_train_step(model, optimizer)
+            else:
+                model.train()
+                step = partial(module.train_step, model, optimizer)
             losses += [float(step(X, y)[0]) for _ in range(2)]
             model.eval()
             logits.append(module.to_numpy(module.predict(model, X)))

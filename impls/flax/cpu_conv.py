@@ -24,11 +24,13 @@ convolutions, f = 4 for conv1 and f = 2 for conv2's 6 channels) the Flax step we
 `conv_general_dilated` takes the place of `jax.lax.conv_general_dilated` in nnx.Conv. On the
 CPU, for the case LeNet uses (float32 or float64, stride 1, no padding, no dilation, NHWC input,
 HWIO kernel, no groups, sizes that the blocks divide), it is space_to_depth_conv; anywhere else
-(GPUs, other arguments) it is exactly `jax.lax.conv_general_dilated`. The two differ only by
-float rounding, as the sums run in another order: tests/test_cpu_conv.py holds the value and
-both gradients to XLA's, and the model-level tests hold LeNet to PyTorch's, within the parity
-tolerances.
+(GPUs, other arguments) it is exactly `jax.lax.conv_general_dilated`. For finite inputs the
+two differ only by float rounding, as the sums run in another order: tests/test_cpu_conv.py
+holds the value, both gradients and the forward-mode derivative to XLA's, and the model-level
+tests hold LeNet to PyTorch's, within the parity tolerances.
 """
+
+from functools import partial
 
 import jax.numpy as jnp
 import numpy as np
@@ -37,9 +39,10 @@ from jax import lax
 NHWC = ("NHWC", "HWIO", "NHWC")
 
 # Block sizes tried, smallest first, and the number of channels that makes XLA:CPU's
-# convolution efficient: the smallest block size that reaches it is used. Measured over the
-# whole step on the 2-core machine: f = 4 for conv1 (1 -> 16 channels), f = 2 for conv2
-# (6 -> 24) ran 7.7 ms; f = 2 for both 7.8, f = 4 for both 8.2, XLA's convolutions 9.5.
+# convolution efficient: the smallest block size that reaches it is used, or, where none does,
+# the largest that fits. Measured over the whole step on the 2-core machine: blocks of 4 for conv1
+# (1 -> 16 channels) and 2 for conv2 (6 -> 24) ran 7.7 ms; 2 for both 7.8, 4 for both 8.2, XLA's
+# own convolutions 9.5.
 BLOCK_SIZES = (2, 4)
 CHANNELS_WANTED = 16
 
@@ -50,66 +53,69 @@ def xla_conv(images, kernel):
 
 
 def block_size(images_shape, kernel_shape):
-    """The f of space_to_depth_conv for these shapes; 1 where blocking does not apply or help."""
+    """The block size space_to_depth_conv uses for these shapes; 1 where blocking does not apply
+    (the blocks would not tile images and outputs) or would not help (channels enough already)."""
     _, height, width, in_channels = images_shape
     kernel_height, kernel_width = kernel_shape[:2]
-    if in_channels >= CHANNELS_WANTED:
+    if in_channels >= CHANNELS_WANTED or kernel_height > height or kernel_width > width:
         return 1
     # The blocks must tile the images and the outputs (which are kernel_size - 1 smaller).
-    fitting = [f for f in BLOCK_SIZES
-               if all(size % f == 0 for size in (height, width, kernel_height - 1, kernel_width - 1))]
+    fitting = [block for block in BLOCK_SIZES
+               if all(size % block == 0 for size in (height, width, kernel_height - 1, kernel_width - 1))]
     if not fitting:
         return 1
-    enough = [f for f in fitting if f * f * in_channels >= CHANNELS_WANTED]
+    enough = [block for block in fitting if block * block * in_channels >= CHANNELS_WANTED]
     return enough[0] if enough else fitting[-1]
 
 
-def tap_selector(kernel_size, f):
-    """S[i, I, u, s] = 1 where the kernel's tap i links input phase u in the output's block
-    offset by I to output phase s; 0 elsewhere.
+def tap_selector(kernel_size, block):
+    """S[tap, offset, input_phase, output_phase] = 1 where the kernel's tap links that phase of
+    the input block `offset` blocks on to that phase of the output block; 0 elsewhere.
 
-    An output at position f*p + s (block p, phase s within it) reads the input at f*p + s + i,
-    which lies in block p + I at phase u when s + i = f*I + u; so tap i = f*I + u - s.
+    An output at position block*p + output_phase reads the input at block*p + output_phase + tap,
+    which lies in block p + offset at input_phase when
+    tap = block*offset + input_phase - output_phase. Needs (kernel_size - 1) % block == 0, as
+    block_size ensures: then the offsets 0 .. (kernel_size - 1) // block cover every tap.
     """
-    blocks = (kernel_size - 1) // f + 1
-    selector = np.zeros((kernel_size, blocks, f, f))
-    for I in range(blocks):
-        for u in range(f):
-            for s in range(f):
-                if 0 <= f * I + u - s < kernel_size:
-                    selector[f * I + u - s, I, u, s] = 1
+    offsets = (kernel_size - 1) // block + 1
+    selector = np.zeros((kernel_size, offsets, block, block))
+    for offset in range(offsets):
+        for input_phase in range(block):
+            for output_phase in range(block):
+                tap = block * offset + input_phase - output_phase
+                if 0 <= tap < kernel_size:
+                    selector[tap, offset, input_phase, output_phase] = 1
     return selector
 
 
-def space_to_depth_conv(images, kernel, f):
-    """xla_conv(images, kernel), computed on f x f blocks of pixels stacked as channels."""
+def space_to_depth_conv(images, kernel, block):
+    """xla_conv(images, kernel), computed on block x block tiles of pixels stacked as channels.
+    For shapes where block_size(images.shape, kernel.shape) == block."""
     batch, height, width, in_channels = images.shape
     kernel_height, kernel_width, _, out_channels = kernel.shape
     out_height, out_width = height - kernel_height + 1, width - kernel_width + 1
     # (batch, row block, row phase, column block, column phase, channel) -> phases as channels.
-    blocked_images = (images.reshape(batch, height // f, f, width // f, f, in_channels)
-                      .transpose(0, 1, 3, 2, 4, 5).reshape(batch, height // f, width // f, f * f * in_channels))
-    rows = tap_selector(kernel_height, f).astype(kernel.dtype)
-    columns = tap_selector(kernel_width, f).astype(kernel.dtype)
-    # Each (input phase, output phase) pair of each block offset gets the kernel tap that links
-    # them, or 0: the blocked kernel is a rearranged copy of the kernel, so gradients reach it.
-    blocked_kernel = jnp.einsum("iIus,jJvt,ijco->IJuvcsto", rows, columns, kernel)
-    blocked_kernel = blocked_kernel.reshape(rows.shape[1], columns.shape[1], f * f * in_channels, f * f * out_channels)
+    blocked_images = (images.reshape(batch, height // block, block, width // block, block, in_channels)
+                      .transpose(0, 1, 3, 2, 4, 5)
+                      .reshape(batch, height // block, width // block, block * block * in_channels))
+    rows = tap_selector(kernel_height, block).astype(kernel.dtype)
+    columns = tap_selector(kernel_width, block).astype(kernel.dtype)
+    # Letters: i, j kernel taps; I, J block offsets; u, v input phases; s, t output phases;
+    # c, o input and output channels. Each (input phase, output phase) pair at each block offset
+    # gets the kernel tap that links them, or 0: a rearranged copy of the kernel, through which
+    # gradients reach it. (Multiplying by the 0s makes no rounding, but turns an infinite kernel
+    # entry, or an infinite pixel, into NaNs that XLA's convolution would not give.)
+    blocked_kernel = jnp.einsum("iIus,jJvt,ijco->IJuvcsto", rows, columns, kernel).reshape(
+        rows.shape[1], columns.shape[1], block * block * in_channels, block * block * out_channels)
     blocked_outputs = xla_conv(blocked_images, blocked_kernel)
     # (batch, row block, column block, row phase, column phase, channel) -> pixels in place.
-    return (blocked_outputs.reshape(batch, out_height // f, out_width // f, f, f, out_channels)
+    return (blocked_outputs.reshape(batch, out_height // block, out_width // block, block, block, out_channels)
             .transpose(0, 1, 3, 2, 4, 5).reshape(batch, out_height, out_width, out_channels))
-
-
-def cpu_conv(images, kernel):
-    """xla_conv, as space_to_depth_conv where block_size finds a block size that helps."""
-    f = block_size(images.shape, kernel.shape)
-    return space_to_depth_conv(images, kernel, f) if f > 1 else xla_conv(images, kernel)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, **options):
-    """jax.lax.conv_general_dilated; on the CPU, for LeNet's case, cpu_conv."""
+    """jax.lax.conv_general_dilated; on the CPU, for LeNet's case, space_to_depth_conv."""
     def lax_conv(lhs, rhs):
         return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                         dimension_numbers, feature_group_count, **options)
@@ -124,9 +130,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                    and is_unit(lhs_dilation) and is_unit(rhs_dilation) and feature_group_count == 1
                    and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
                    == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC)
-                   and all(value is None for value in options.values())
-                   and block_size(lhs.shape, rhs.shape) > 1)
-    if not lenets_case:
+                   and all(value is None for value in options.values()))
+    block = block_size(lhs.shape, rhs.shape) if lenets_case else 1
+    if block == 1:
         return lax_conv(lhs, rhs)
     # Chosen when the computation is lowered for a platform: GPUs keep XLA's (cuDNN's) convolution.
-    return lax.platform_dependent(lhs, rhs, cpu=cpu_conv, default=lax_conv)
+    return lax.platform_dependent(lhs, rhs, cpu=partial(space_to_depth_conv, block=block), default=lax_conv)

@@ -72,10 +72,11 @@ def train_step(model, optimizer, images, labels, compute_loss=loss_and_counts):
 
 
 def bound_train_step(model, optimizer):
-    """train_step(model, optimizer, ...) as a function of the batch alone, for a loop in which the
-    model does not change mode: make it after model.train(), and again after an evaluation."""
-    # Nothing to save here: PyTorch finds the parameters through the optimizer. The Flax twin
-    # binds them to save NNX's walk over the model at every call.
+    """train_step(model, optimizer, ...) as a function of the batch alone, for a loop over many
+    batches. Puts the model in training mode; after an evaluation (model.eval()), bind again."""
+    # Nothing to save here: the model is called directly, with no state to collect at each call.
+    # The Flax twin binds to save NNX's walk over the model at every call.
+    model.train()
     return partial(train_step, model, optimizer)
 
 
