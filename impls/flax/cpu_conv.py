@@ -5,20 +5,20 @@ Profiling the Flax step on the CPU (README, "Where the time goes") showed XLA:CP
 convolutions to be most of its cost, and the first one worst of all: with one input channel
 and six output channels, its forward pass took 2.5 ms of a 9.5 ms step (this project's 2-core
 machine, float32, batch 256), where oneDNN takes 0.7 ms. XLA's convolution is fast when it has
-channels to work with, so `space_to_depth_conv` gives it some. Cutting the images into f x f
+channels to work with, so `space_to_depth_conv` gives it some. Cutting the images into square
 blocks and stacking each block's pixels as channels turns
 
     28x28 images, 1 channel, 5x5 kernel, 6 outputs      (conv1; 24x24 outputs)
 
 into the same sum, taken in another order, over
 
-    7x7 images, 16 channels, 2x2 kernel, 96 outputs     (f = 4; 6x6 blocks of 4x4 outputs)
+    7x7 images, 16 channels, 2x2 kernel, 96 outputs     (blocks of 4x4; 6x6 blocks of outputs)
 
 whose outputs, put back in place, are conv1's. The blocked convolution does 2.6x the
 multiplications (the 2x2 kernel of 4x4 blocks covers more than 5x5 pixels, and the rest is
 multiplied by zero) and still takes 0.45 ms. JAX differentiates it like any other code, and
 XLA's gradients of the blocked convolution are faster as well. Over the whole step (both
-convolutions, f = 4 for conv1 and f = 2 for conv2's 6 channels) the Flax step went from 9.5 to
+convolutions: blocks of 4 for conv1, of 2 for conv2's 6 channels) the Flax step went from 9.5 to
 7.7 ms. The technique is known as space-to-depth (or polyphase) convolution.
 
 `conv_general_dilated` takes the place of `jax.lax.conv_general_dilated` in nnx.Conv. On the

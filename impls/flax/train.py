@@ -154,8 +154,8 @@ class FastTrainer:
     On the CPU, XLA runs the body of the loop that lax.scan compiles many times slower than the
     same step compiled on its own (measured on this project's 2-core machine, float32, batch 256:
     about 5x at first, 18x once cpu_conv.py made the step itself faster; unrolling the scan
-    restores the speed). There the fast path calls a compiled step per batch
-    instead, still on device-resident data, with the state donated and NNX kept out of the loop.
+    restores the speed). There the fast path calls a compiled step per batch instead, still on
+    device-resident data, with the state donated and NNX kept out of the loop.
     """
 
     def __init__(self, model, optimizer, images, labels, use_scan=None):
