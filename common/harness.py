@@ -149,14 +149,13 @@ def train_epoch(run, images, labels, batch_size, seed, epoch, max_batches=None, 
     run.train_seconds += time.perf_counter() - epoch_start - epoch_compile_seconds
     run.compile_seconds += epoch_compile_seconds
     bar.close()
-    return epoch_outcome(run, step_losses, step_correct, seen_examples)
+    # The last step read every loss back (step + 1 == total): no need to read them again.
+    return epoch_outcome(run, np.array(losses_read), step_correct, seen_examples)
 
 
-def epoch_outcome(run, step_losses, step_correct, seen_examples):
-    """(mean loss, accuracy) of an epoch from its per-step device values; None, with the step
-    recorded, if a loss is not finite."""
-    losses = np.concatenate([np.atleast_1d(np.asarray(run.module.to_numpy(value), np.float64))
-                             for value in step_losses])
+def epoch_outcome(run, losses, step_correct, seen_examples):
+    """(mean loss, accuracy) of an epoch from its per-step summed losses (numpy) and per-step
+    correct counts (device values); None, with the step recorded, if a loss is not finite."""
     bad_step = first_non_finite(losses)
     if bad_step is not None:
         run.diverged_at_step = run.steps_done + bad_step + 1
@@ -193,7 +192,8 @@ def train_epoch_compiled(run, num_examples, batch_size, seed, epoch, max_batches
     run.timed_examples += seen_examples - compile_examples
     bar.close()
     trainer.finish()
-    return epoch_outcome(run, step_losses, step_correct, seen_examples)
+    losses = np.concatenate([np.asarray(run.module.to_numpy(value), np.float64) for value in step_losses])
+    return epoch_outcome(run, losses, step_correct, seen_examples)
 
 
 def evaluate(run, images, labels, batch_size):
