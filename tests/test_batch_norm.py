@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.layers import LAYERS, numpy_batch_norm
-from tests.tolerances import LAYER_RELATIVE, OFFSET_RANGE, max_abs_difference
+from tests.tolerances import LAYER_RELATIVE, OFFSET_RANGE, magnitude, max_abs_difference
 
 
 @st.composite
@@ -40,7 +40,7 @@ def layer_inputs(draw):
 
 def relative_difference(actual, expected):
     """Max abs difference, relative to the largest magnitude in the expected value (at least 1)."""
-    return max_abs_difference(actual, expected) / max(1.0, float(np.max(np.abs(expected))))
+    return max_abs_difference(actual, expected) / magnitude(expected)
 
 
 def check_against_reference(name, batches, gamma, beta, cotangent):

@@ -14,7 +14,7 @@ from jax import lax
 import impls.flax
 from impls.flax.cpu_conv import NHWC, block_size, conv_general_dilated
 from impls.flax.lenet import LeNet
-from tests.tolerances import FLOAT32_PASS, FLOAT64_PASS, assert_close
+from tests.tolerances import FLOAT32_PASS, FLOAT64_PASS, assert_close, magnitude
 
 
 @pytest.fixture(autouse=True)
@@ -61,11 +61,6 @@ def derivative(conv, images, kernel):
 DTYPES = pytest.mark.parametrize("dtype, bound", [(np.float64, FLOAT64_PASS), (np.float32, FLOAT32_PASS)],
                                  ids=["float64", "float32"])
 SHAPE_CASES = pytest.mark.parametrize("images_shape, kernel_shape", SHAPES, ids=lambda shape: "x".join(map(str, shape)))
-
-
-def magnitude(reference):
-    """The reference's largest value, where it exceeds one (the tolerances are for order one)."""
-    return max(1.0, float(jnp.abs(reference).max()))
 
 
 @SHAPE_CASES

@@ -34,6 +34,12 @@ OFFSET_RANGE = 10.0
 LAYER_RELATIVE = {np.dtype(np.float64): 1e-12 * OFFSET_RANGE, np.dtype(np.float32): 1e-5 * OFFSET_RANGE}
 
 
+def magnitude(reference):
+    """The reference's largest absolute value, where it exceeds one: the factor by which a test
+    scales a bound meant for quantities of order one."""
+    return max(1.0, float(np.max(np.abs(np.asarray(reference)))))
+
+
 def max_abs_difference(a, b):
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 
