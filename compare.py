@@ -75,6 +75,11 @@ def parse_args(argv=None):
                         help="floating-point type of weights and computation")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: a CUDA GPU for each framework that sees one, else the CPU")
+    parser.add_argument("--tf32", action="store_true",
+                        help="on NVIDIA GPUs, let both frameworks round float32 convolutions and matrix "
+                             "products to TensorFloat-32 (faster, less exact); by default both compute "
+                             "IEEE float32 (their own defaults differ: PyTorch uses TF32 in convolutions "
+                             "only, JAX in both)")
     parser.add_argument("--mode", choices=MODES, default="eager",
                         help="eager: the chapter's way, one step per batch from host memory; compiled: "
                              "the fast paths (the dataset on the device, torch.compile / one jitted "
@@ -175,7 +180,7 @@ def main(argv=None):
     args = parse_args(argv)
     dtype = np.dtype(args.dtype)
     try:
-        devices = select_devices(args.impls, args.device, dtype)
+        devices = select_devices(args.impls, args.device, dtype, args.tf32)
     except RuntimeError as error:
         sys.exit(f"error: --device cuda: {error}")
     try:
@@ -199,8 +204,8 @@ def main(argv=None):
         runs[name] = run_implementation(name, weights, data, args, devices[framework], snapshots)
     results = {
         "config": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-                   "dtype": args.dtype, "impls": args.impls, "device": args.device, "mode": args.mode,
-                   "max_batches": args.max_batches},
+                   "dtype": args.dtype, "tf32": args.tf32, "impls": args.impls, "device": args.device,
+                   "mode": args.mode, "max_batches": args.max_batches},
         "environment": report.environment(devices),
         "runs": runs,
         "divergence": divergence(snapshots, args.impls),

@@ -145,6 +145,8 @@ def benchmark(args, weights, dataset, devices, modes=("eager", "compiled")):
     timings = (len(norms) + len(args.impls) * len(modes)) * (1 + args.repeats)
     progress = tqdm(total=timings, desc="benchmark", unit="timing", disable=args.no_progress)
     torch_module = framework_of("torch-scratch")
+    if "pytorch" not in devices:  # the chapter's loop runs in PyTorch, whatever is compared
+        torch_module.allow_tf32(args.tf32)
     torch_device = devices.get("pytorch") or torch_module.select_device(args.device)
     rows, timers = [], []
     for norm in norms:
@@ -177,7 +179,7 @@ def benchmark(args, weights, dataset, devices, modes=("eager", "compiled")):
     baseline = {row["norm"]: row["examples_per_sec"] for row in rows if row["mode"] == "d2l train_ch6"}
     for row in rows:
         row["ratio_to_baseline"] = row["examples_per_sec"] / baseline[row.pop("norm")]
-    return {"config": {"batch_size": args.batch_size, "lr": args.lr, "dtype": "float32",
+    return {"config": {"batch_size": args.batch_size, "lr": args.lr, "dtype": "float32", "tf32": args.tf32,
                        "bench_batches": args.bench_batches, "repeats": args.repeats, "impls": args.impls,
                        "baseline_workers": BASELINE_WORKERS,
                        "order": "rounds, each timing every row once, in a seeded random order"},
@@ -194,8 +196,9 @@ def print_table(results):
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     print("\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines))
     config = results["config"]
+    arithmetic = f"{config['dtype']}{' (TF32 allowed)' if config['tf32'] else ''}"
     print(f"(median of {config['repeats']} repeats of {config['bench_batches']} batches of {config['batch_size']}, "
-          f"{config['dtype']}, taken in rounds over all rows; warm-up timed apart; 'x chapter loop' is against the "
+          f"{arithmetic}, taken in rounds over all rows; warm-up timed apart; 'x chapter loop' is against the "
           "loop with the same batch norm)")
 
 

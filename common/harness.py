@@ -50,13 +50,15 @@ def framework_of(name):
     return framework_module(IMPLEMENTATIONS[name][0])
 
 
-def select_devices(names, request, dtype):
-    """{framework: device} for every framework the implementations need; RuntimeError if unusable."""
+def select_devices(names, request, dtype, tf32=False):
+    """{framework: device} for every framework the implementations need; RuntimeError if unusable.
+    Each framework's float32 arithmetic on GPUs is set alike: TF32 allowed or not (allow_tf32)."""
     devices = {}
     for name in names:
         module = framework_of(name)
         if module.FRAMEWORK not in devices:
             devices[module.FRAMEWORK] = module.select_device(request, dtype)
+            module.allow_tf32(tf32)
     return devices
 
 

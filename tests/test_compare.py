@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 IMPLS = ["torch-scratch", "torch-builtin", "flax-scratch", "flax-builtin"]
 PAIRS = [list(pair) for pair in itertools.combinations(IMPLS, 2)]
 FLAGS = ["--epochs", "--batch-size", "--lr", "--seed", "--impls", "--dtype", "--device", "--data-dir",
-         "--out", "--max-batches", "--no-progress", "--mode", "--bench"]
+         "--out", "--max-batches", "--no-progress", "--mode", "--tf32", "--bench"]
 TIMING_FIELDS = {"examples_per_sec", "compile_seconds", "wall_seconds", "train_seconds"}
 RUN_TIMEOUT_S = 300  # generous: a tiny run takes about 15 s on a 2-core CPU
 # PyTorch's OpenMP threads spin-wait: with a second busy process on a 2-core machine (another test
@@ -157,7 +157,7 @@ def single_seed1_run(tmp_path_factory):
 def test_main_run_config_and_environment(main_run):
     _, _, results = main_run
     assert results["config"] == {"epochs": EPOCHS, "batch_size": BATCH_SIZE, "lr": 1.0, "seed": 0,
-                                 "dtype": "float32", "impls": IMPLS, "device": "cpu", "mode": "eager",
+                                 "dtype": "float32", "tf32": False, "impls": IMPLS, "device": "cpu", "mode": "eager",
                                  "max_batches": MAX_BATCHES}
     environment = results["environment"]
     # The subprocess runs this interpreter in this environment: the versions are ours.

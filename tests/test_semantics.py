@@ -251,3 +251,81 @@ def test_reference_matches_pytorch_semantics_table():
 
 def test_jax_is_in_64_bit_mode_for_the_float64_suite():
     assert jax.config.jax_enable_x64
+
+
+# --- float32 arithmetic on NVIDIA GPUs ---------------------------------------------------------
+# TensorFloat-32 keeps 10 of float32's 23 mantissa bits in convolutions and matrix products.
+# The frameworks' defaults differ; compare.py sets both alike (allow_tf32), IEEE float32 unless --tf32.
+
+def default_torch_precisions():
+    """(cuDNN convolutions, matrix products, matrix products' TF32 switch) in a fresh interpreter,
+    untouched by any test."""
+    import subprocess
+    import sys
+    code = ("import torch; print(torch.backends.cudnn.conv.fp32_precision, "
+            "torch.backends.cuda.matmul.fp32_precision, torch.backends.cuda.matmul.allow_tf32)")
+    return tuple(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                check=True).stdout.split())
+
+
+@pytest.fixture
+def restore_float32_precision():
+    saved_jax = jax.config.jax_default_matmul_precision
+    saved_torch = torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+    yield
+    jax.config.update("jax_default_matmul_precision", saved_jax)
+    torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = saved_torch
+
+
+def flax_step_precisions_for_cuda():
+    """{'convolution': [...], 'dot_general': [...]}: the precision of every convolution and matrix
+    product in Flax's float32 training step as lowered for a CUDA GPU (lowering needs no GPU)."""
+    import re
+
+    from impls.flax import train as flax_train
+    module, model, _ = build("flax-builtin", canonical_weights(0, np.float32))
+    optimizer = module.make_optimizer(model, 1.0)
+    graphdef, state = nnx.split((model, optimizer))
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    images, labels = jax.ShapeDtypeStruct((512, 28, 28, 1), jnp.float32), jax.ShapeDtypeStruct((512,), jnp.int32)
+    indices = jax.ShapeDtypeStruct((256,), jnp.int32)
+    text = flax_train.train_on_batch.trace(graphdef, shapes, images, labels, indices).lower(
+        lowering_platforms=("cuda",)).as_text()
+    found = {operation: [] for operation in ("convolution", "dot_general")}
+    for line in text.splitlines():
+        operation = re.search(r"stablehlo\.(convolution|dot_general)", line)
+        if operation:
+            # dot_general prints `precision = [A, B]`, convolution `precision_config = [#stablehlo<precision A>, ...]`.
+            precision = re.search(r"precision(?:_config)? = \[(?:#stablehlo<precision )?(\w+)>?, "
+                                  r"(?:#stablehlo<precision )?(\w+)", line)
+            found[operation.group(1)].append(precision.groups() if precision else ("DEFAULT", "DEFAULT"))
+    return found
+
+
+def test_pytorch_default_is_tf32_in_convolutions_only():
+    # "none" defers to the older switch, allow_tf32, which is off for matrix products.
+    assert default_torch_precisions() == ("tf32", "none", "False")
+
+
+def test_jax_default_leaves_precision_to_the_gpu_which_means_tf32(restore_float32_precision):
+    jax.config.update("jax_default_matmul_precision", None)
+    precisions = flax_step_precisions_for_cuda()
+    # Forward and backward: 2 + 3 convolutions (conv1 needs no input gradient), 3 + 6 matrix products.
+    assert len(precisions["convolution"]) == 5 and len(precisions["dot_general"]) == 9
+    # DEFAULT is "the fastest the hardware offers": TF32 on NVIDIA's Ampere and later (JAX's docs).
+    assert {p for ops in precisions.values() for pair in ops for p in pair} == {"DEFAULT"}
+
+
+@pytest.mark.parametrize("tf32, torch_precision, jax_precision",
+                         [(False, "ieee", "HIGHEST"), (True, "tf32", "HIGH")], ids=["ieee", "tf32"])
+def test_allow_tf32_sets_both_frameworks_alike(tf32, torch_precision, jax_precision, restore_float32_precision):
+    from impls.flax import train as flax_train
+    from impls.pytorch import train as torch_train
+    torch_train.allow_tf32(tf32)
+    flax_train.allow_tf32(tf32)
+    assert (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision) == (
+        torch_precision, torch_precision)
+    # HIGHEST is float32; HIGH is TF32 on NVIDIA GPUs (bfloat16_3x on TPUs).
+    precisions = flax_step_precisions_for_cuda()
+    assert len(precisions["convolution"]) == 5 and len(precisions["dot_general"]) == 9
+    assert {p for ops in precisions.values() for pair in ops for p in pair} == {jax_precision}

@@ -1,8 +1,8 @@
 """Training step and evaluation, Flax NNX edition (a jitted step). Mirror: impls/pytorch/train.py.
 
 The same small interface in both frameworks lets compare.py and the tests drive either
-without knowing which: select_device, to_device, build_lenet, make_optimizer, train_step,
-bound_train_step, predict, loss_and_gradients, synchronize, to_numpy, export_weights.
+without knowing which: select_device, allow_tf32, to_device, build_lenet, make_optimizer,
+train_step, bound_train_step, predict, loss_and_gradients, synchronize, to_numpy, export_weights.
 """
 
 import time
@@ -33,6 +33,16 @@ def select_device(request="auto", dtype=np.float32):
     if request in ("auto", "cuda") and gpus:
         return gpus[0]
     return jax.devices("cpu")[0]
+
+
+def allow_tf32(enabled):
+    """Whether float32 convolutions and matrix products on NVIDIA GPUs may round their inputs to
+    TensorFloat-32 (10-bit mantissa). No effect on the CPU.
+
+    JAX's default on GPUs is TF32 for both; PyTorch's is TF32 for convolutions only (see the
+    PyTorch twin). compare.py decides for both frameworks alike: IEEE float32 unless --tf32."""
+    # The default precision of every convolution and dot product traced from now on.
+    jax.config.update("jax_default_matmul_precision", "tensorfloat32" if enabled else "float32")
 
 
 def device_description(device):

@@ -1,11 +1,12 @@
 """Training step and evaluation, PyTorch edition (eager, as the chapter). Mirror: impls/flax/train.py.
 
 The same small interface in both frameworks lets compare.py and the tests drive either
-without knowing which: select_device, to_device, build_lenet, make_optimizer, train_step,
-bound_train_step, predict, loss_and_gradients, synchronize, to_numpy, export_weights.
+without knowing which: select_device, allow_tf32, to_device, build_lenet, make_optimizer,
+train_step, bound_train_step, predict, loss_and_gradients, synchronize, to_numpy, export_weights.
 """
 
 import time
+import warnings
 from functools import partial
 
 import numpy as np
@@ -27,6 +28,21 @@ def select_device(request="auto", dtype=np.float32):
     if request in ("auto", "cuda") and torch.cuda.is_available():
         return torch.device("cuda", 0)
     return torch.device("cpu")
+
+
+def allow_tf32(enabled):
+    """Whether float32 convolutions and matrix products on NVIDIA GPUs may round their inputs to
+    TensorFloat-32 (10-bit mantissa). No effect on the CPU.
+
+    The frameworks' defaults differ: PyTorch lets cuDNN's convolutions use TF32 but keeps matrix
+    products (nn.Linear) in IEEE float32; JAX uses TF32 for both. So compare.py decides for both
+    frameworks alike: IEEE float32 unless --tf32."""
+    precision = "tf32" if enabled else "ieee"
+    torch.backends.cudnn.conv.fp32_precision = precision
+    torch.backends.cuda.matmul.fp32_precision = precision
+    if not enabled:
+        # A choice, made: TorchInductor's hint to turn TF32 on would only repeat --tf32's help.
+        warnings.filterwarnings("ignore", message="TensorFloat32 tensor cores", category=UserWarning)
 
 
 def device_description(device):
