@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from common.data import train_batch_indices
-from common.harness import start_run
+from common.harness import framework_of, start_run
 from common.init import WEIGHT_NAMES, canonical_weights
 from tests.support import NAMES, max_difference, trajectory
 from tests.tolerances import FLOAT64_TRAJECTORY, assert_close
@@ -23,7 +23,11 @@ def subset(fashion_mnist):
 
 def compiled_epoch(name, weights, images, labels, use_scan=None):
     """One epoch through the FastTrainer: per-step losses and the final weights."""
-    run = start_run(name, weights, 1.0, "cpu" if name.startswith("torch") else None, "compiled", images, labels)
+    # Each framework's best device, as compare.py picks it: on a GPU machine the compiled epoch
+    # (PyTorch's captured CUDA graph, JAX's scan) is held to the eager epoch on the CPU.
+    module = framework_of(name)
+    device = module.select_device("auto", weights["conv1.weight"].dtype)
+    run = start_run(name, weights, 1.0, device, "compiled", images, labels)
     if use_scan is not None:
         trainer = run.trainer
         run.trainer = type(trainer)(run.model, run.optimizer, trainer.images, trainer.labels, use_scan=use_scan)
