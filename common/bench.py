@@ -22,7 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from common import data
-from common.harness import IMPLEMENTATIONS, framework_of, start_run
+from common.harness import IMPLEMENTATIONS, framework_of, select_devices, start_run
 
 WARMUP_BATCHES = 3
 BASELINE_WORKERS = 4  # as d2l.load_data_fashion_mnist
@@ -145,9 +145,9 @@ def benchmark(args, weights, dataset, devices, modes=("eager", "compiled")):
     timings = (len(norms) + len(args.impls) * len(modes)) * (1 + args.repeats)
     progress = tqdm(total=timings, desc="benchmark", unit="timing", disable=args.no_progress)
     torch_module = framework_of("torch-scratch")
-    if "pytorch" not in devices:  # the chapter's loop runs in PyTorch, whatever is compared
-        torch_module.allow_tf32(args.tf32)
-    torch_device = devices.get("pytorch") or torch_module.select_device(args.device)
+    # The chapter's loop runs in PyTorch, whatever is compared: its device, chosen as compare.py
+    # chose the others' (the same one again where PyTorch is compared too).
+    torch_device = select_devices(["torch-scratch"], args.device, np.float32, args.tf32)["pytorch"]
     rows, timers = [], []
     for norm in norms:
         timers.append(chapter_baseline(norm, weights, args.lr, args.batch_size, args.bench_batches, args.data_dir,

@@ -4,6 +4,10 @@ Each test states what one framework does, so that it fails the day either side c
 and with it the settings that make the four implementations agree.
 """
 
+import re
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +18,9 @@ from flax import nnx
 from common.init import BATCH_NORM_LAYERS, canonical_weights
 from impls.flax import batch_norm as flax_bn
 from impls.flax import lenet as flax_lenet
+from impls.flax import train as flax_train
 from impls.pytorch import batch_norm as torch_bn
+from impls.pytorch import train as torch_train
 from tests.conftest import TRAJECTORY_STEPS
 from tests.layers import LAYERS, numpy_batch_norm, to_nhwc
 from tests.support import build, inputs
@@ -260,8 +266,6 @@ def test_jax_is_in_64_bit_mode_for_the_float64_suite():
 def default_torch_precisions():
     """(cuDNN convolutions, matrix products, matrix products' TF32 switch) in a fresh interpreter,
     untouched by any test."""
-    import subprocess
-    import sys
     code = ("import torch; print(torch.backends.cudnn.conv.fp32_precision, "
             "torch.backends.cuda.matmul.fp32_precision, torch.backends.cuda.matmul.allow_tf32)")
     return tuple(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -277,12 +281,14 @@ def restore_float32_precision():
     torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = saved_torch
 
 
-def flax_step_precisions_for_cuda():
-    """{'convolution': [...], 'dot_general': [...]}: the precision of every convolution and matrix
-    product in Flax's float32 training step as lowered for a CUDA GPU (lowering needs no GPU)."""
-    import re
+# Forward and backward: 2 + 3 convolutions (conv1 needs no input gradient), 3 + 6 matrix products.
+STEP_OPERATIONS = {"convolution": 5, "dot_general": 9}
 
-    from impls.flax import train as flax_train
+
+def flax_step_precisions_for_cuda():
+    """({operation: count}, {precision}): how many convolutions and matrix products Flax's float32
+    training step has as lowered for a CUDA GPU (lowering needs no GPU), and the precisions they
+    carry, operands of all of them together."""
     module, model, _ = build("flax-builtin", canonical_weights(0, np.float32))
     optimizer = module.make_optimizer(model, 1.0)
     graphdef, state = nnx.split((model, optimizer))
@@ -291,15 +297,16 @@ def flax_step_precisions_for_cuda():
     indices = jax.ShapeDtypeStruct((256,), jnp.int32)
     text = flax_train.train_on_batch.trace(graphdef, shapes, images, labels, indices).lower(
         lowering_platforms=("cuda",)).as_text()
-    found = {operation: [] for operation in ("convolution", "dot_general")}
+    counts, precisions = dict.fromkeys(STEP_OPERATIONS, 0), set()
     for line in text.splitlines():
         operation = re.search(r"stablehlo\.(convolution|dot_general)", line)
         if operation:
+            counts[operation.group(1)] += 1
             # dot_general prints `precision = [A, B]`, convolution `precision_config = [#stablehlo<precision A>, ...]`.
             precision = re.search(r"precision(?:_config)? = \[(?:#stablehlo<precision )?(\w+)>?, "
                                   r"(?:#stablehlo<precision )?(\w+)", line)
-            found[operation.group(1)].append(precision.groups() if precision else ("DEFAULT", "DEFAULT"))
-    return found
+            precisions.update(precision.groups() if precision else ["DEFAULT"])
+    return counts, precisions
 
 
 def test_pytorch_default_is_tf32_in_convolutions_only():
@@ -309,23 +316,20 @@ def test_pytorch_default_is_tf32_in_convolutions_only():
 
 def test_jax_default_leaves_precision_to_the_gpu_which_means_tf32(restore_float32_precision):
     jax.config.update("jax_default_matmul_precision", None)
-    precisions = flax_step_precisions_for_cuda()
-    # Forward and backward: 2 + 3 convolutions (conv1 needs no input gradient), 3 + 6 matrix products.
-    assert len(precisions["convolution"]) == 5 and len(precisions["dot_general"]) == 9
+    counts, precisions = flax_step_precisions_for_cuda()
+    assert counts == STEP_OPERATIONS
     # DEFAULT is "the fastest the hardware offers": TF32 on NVIDIA's Ampere and later (JAX's docs).
-    assert {p for ops in precisions.values() for pair in ops for p in pair} == {"DEFAULT"}
+    assert precisions == {"DEFAULT"}
 
 
 @pytest.mark.parametrize("tf32, torch_precision, jax_precision",
                          [(False, "ieee", "HIGHEST"), (True, "tf32", "HIGH")], ids=["ieee", "tf32"])
 def test_allow_tf32_sets_both_frameworks_alike(tf32, torch_precision, jax_precision, restore_float32_precision):
-    from impls.flax import train as flax_train
-    from impls.pytorch import train as torch_train
     torch_train.allow_tf32(tf32)
     flax_train.allow_tf32(tf32)
     assert (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision) == (
         torch_precision, torch_precision)
     # HIGHEST is float32; HIGH is TF32 on NVIDIA GPUs (bfloat16_3x on TPUs).
-    precisions = flax_step_precisions_for_cuda()
-    assert len(precisions["convolution"]) == 5 and len(precisions["dot_general"]) == 9
-    assert {p for ops in precisions.values() for pair in ops for p in pair} == {jax_precision}
+    counts, precisions = flax_step_precisions_for_cuda()
+    assert counts == STEP_OPERATIONS
+    assert precisions == {jax_precision}
