@@ -94,9 +94,11 @@ def flax_scratch(batches, gamma, beta, cotangent, training=True):
             X, g, b, moving_mean, moving_var, flax_bn.EPS, flax_bn.MOMENTUM, training=training)
         return (Y * to_nhwc(cotangent)).sum(), (Y, moving_mean, moving_var)
 
+    # Jitted, as JAX code runs: one compilation per shape instead of one per operation and shape.
+    gradient_function = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
     moving_mean, moving_var = jnp.zeros(gamma.shape, gamma.dtype), jnp.ones(gamma.shape, gamma.dtype)
     for index, X in enumerate(batches):
-        (_, (Y, moving_mean, moving_var)), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(
+        (_, (Y, moving_mean, moving_var)), grads = gradient_function(
             jnp.asarray(to_nhwc(X)), jnp.asarray(gamma), jnp.asarray(beta), moving_mean, moving_var)
         if index == 0:
             first = to_nchw(np.asarray(Y)), {"X": to_nchw(np.asarray(grads[0])), "gamma": np.asarray(grads[1]),
@@ -117,7 +119,7 @@ def flax_builtin(batches, gamma, beta, cotangent, training=True):
         Y = layer(X)
         return (Y * to_nhwc(cotangent)).sum(), Y
 
-    gradient_function = nnx.value_and_grad(loss, argnums=(nnx.DiffState(0, nnx.Param), 1), has_aux=True)
+    gradient_function = nnx.jit(nnx.value_and_grad(loss, argnums=(nnx.DiffState(0, nnx.Param), 1), has_aux=True))
     for index, X in enumerate(batches):
         (_, Y), (layer_grads, X_grad) = gradient_function(layer, jnp.asarray(to_nhwc(X)))
         if index == 0:

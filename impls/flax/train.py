@@ -109,7 +109,8 @@ def predict(model, images):
 
 def loss_and_gradients(model, images, labels):
     """(loss, logits, {canonical name: gradient}) for one batch, without an update; numpy out."""
-    (loss, logits), gradients = loss_value_and_gradients(model, images, labels)
+    # Compiled as a whole, as train_step is: op by op, JAX would compile each operation on its own.
+    (loss, logits), gradients = nnx.jit(loss_value_and_gradients)(model, images, labels)
     # The gradients have the parameters' structure and layout: a model made of them exports
     # them to the canonical layout just as export_weights exports the parameters.
     gradient_model = nnx.merge(nnx.graphdef(model), gradients, nnx.state(model, nnx.Not(nnx.Param)))
