@@ -1,7 +1,8 @@
 """Batch normalization from scratch, Flax NNX edition. Mirror: impls/pytorch/batch_norm.py.
 
 `batch_norm` holds the mathematics, `BatchNorm` the bookkeeping (parameters, moving
-statistics, training versus inference), as in the chapter.
+statistics, training versus inference), as in the chapter. Given the workers of a data-parallel
+run, the statistics are those of the global batch: every worker's shard, each weighed by its size.
 """
 
 import jax
@@ -14,21 +15,37 @@ EPS = 1e-5
 MOMENTUM = 0.9
 
 
-def batch_norm(X, gamma, beta, moving_mean, moving_var, eps, momentum, training):
+def sum_over_workers(value, axis_name):
+    """`value` summed over every worker along the mesh axis, the same sum on each; `value` itself
+    without an axis (one device). JAX differentiates through the collective: the backward pass
+    sums the gradients over the workers in turn, so that it is synchronised too."""
+    if axis_name is None:
+        return value
+    return jax.lax.psum(value, axis_name)
+
+
+def batch_norm(X, gamma, beta, moving_mean, moving_var, eps, momentum, training, axis_name=None, mask=None):
     """Normalise X; return (Y, new moving mean, new moving variance).
 
     Training normalises with the batch's mean and biased variance and moves the moving
     statistics towards them; inference normalises with the moving statistics.
     A pure function: JAX arrays are immutable, so the new statistics are returned.
+    With an axis name, the batch is every worker's X together (global statistics).
     """
     # JAX/Flax is channels-last: a 4-D batch is NHWC, so a channel's statistics gather
     # over the batch and both spatial axes, and per-channel vectors broadcast as (1, 1, 1, C).
     reduce_axes = (0,) if X.ndim == 2 else (0, 1, 2)
     per_channel = (1, -1) if X.ndim == 2 else (1, 1, 1, -1)
     if training:
-        mean = X.mean(axis=reduce_axes)
+        # Sums and counts over every worker, so that a worker holding fewer examples (a shard of
+        # a partial batch) weighs less, exactly as on one device. JAX runs one program on shards
+        # of one shape: a shorter shard is padded, and its mask (True for an example, False for
+        # padding, broadcastable to X, as nnx.BatchNorm's) leaves the padding out of sums and counts.
+        count = sum_over_workers(jnp.sum(jnp.ones_like(X[..., :1]), where=mask), axis_name)
+        mean = sum_over_workers(jnp.sum(X, axis=reduce_axes, where=mask), axis_name) / count
         # Two passes (subtract the mean, then average the squares), biased: divide by n.
-        var = ((X - mean.reshape(per_channel)) ** 2).mean(axis=reduce_axes)
+        var = sum_over_workers(jnp.sum((X - mean.reshape(per_channel)) ** 2, axis=reduce_axes, where=mask),
+                               axis_name) / count
         moving_mean = momentum * moving_mean + (1.0 - momentum) * mean
         moving_var = momentum * moving_var + (1.0 - momentum) * var
     else:
@@ -57,8 +74,10 @@ def check_input(X, num_features, num_dims, training):
 class BatchNorm(nnx.Module):
     """The chapter's scratch layer; gamma and beta are trained, the moving statistics are state."""
 
-    def __init__(self, num_features, num_dims, *, dtype=jnp.float32):
+    def __init__(self, num_features, num_dims, *, axis_name=None, dtype=jnp.float32):
         self.num_features, self.num_dims = num_features, num_dims
+        # The mesh axis whose workers' batches are normalised together, as for nnx.BatchNorm; None: this one.
+        self.axis_name = axis_name
         self.gamma = nnx.Param(jnp.ones(num_features, dtype))
         self.beta = nnx.Param(jnp.zeros(num_features, dtype))
         # nnx.BatchStat marks state that is not trained: nnx.Optimizer(wrt=nnx.Param) leaves
@@ -68,12 +87,12 @@ class BatchNorm(nnx.Module):
         # The attribute that model.train() / model.eval() set, as for nnx.BatchNorm.
         self.use_running_average = False
 
-    def __call__(self, X):
+    def __call__(self, X, *, mask=None):
         training = not self.use_running_average
         check_input(X, self.num_features, self.num_dims, training)
         Y, moving_mean, moving_var = batch_norm(
             X, self.gamma[...], self.beta[...], self.moving_mean[...], self.moving_var[...],
-            eps=EPS, momentum=MOMENTUM, training=training)
+            eps=EPS, momentum=MOMENTUM, training=training, axis_name=self.axis_name, mask=mask)
         if training:
             self.moving_mean[...], self.moving_var[...] = moving_mean, moving_var
         return Y

@@ -16,13 +16,15 @@ from impls.flax.cpu_conv import conv_general_dilated
 NORMS = ("scratch", "builtin")
 
 
-def make_batch_norm(norm, num_features, num_dims, dtype):
-    """The chapter's scratch layer, or Flax's own set to the same momentum, eps and variance."""
+def make_batch_norm(norm, num_features, num_dims, dtype, axis_name=None):
+    """The chapter's scratch layer, or Flax's own set to the same momentum, eps and variance; with
+    a mesh axis, each normalises over the batches of all its workers together."""
     if norm == "scratch":
-        return BatchNorm(num_features, num_dims, dtype=dtype)
+        return BatchNorm(num_features, num_dims, axis_name=axis_name, dtype=dtype)
+    # The same class synchronises its statistics when given the axis (lax.pmean over it).
     # nnx.BatchNorm computes E[x^2] - E[x]^2 by default; the two-pass variance matches the others.
     return nnx.BatchNorm(num_features, momentum=MOMENTUM, epsilon=EPS, use_fast_variance=False,
-                         dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
+                         axis_name=axis_name, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
 
 
 
@@ -37,35 +39,39 @@ def check_batch(X, training):
 
 
 class LeNet(nnx.Module):
-    def __init__(self, norm="scratch", dtype=jnp.float32):
+    def __init__(self, norm="scratch", dtype=jnp.float32, axis_name=None):
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         self.norm = norm
+        bn_options = dict(dtype=dtype, axis_name=axis_name)
         # Flax layers need a random key even though build_lenet overwrites every value.
         rngs = nnx.Rngs(0)
         layer_dtypes = dict(dtype=dtype, param_dtype=dtype, rngs=rngs)
         # XLA's convolution; on the CPU, rewritten into one that XLA:CPU computes faster (cpu_conv.py).
         conv_options = dict(padding="VALID", conv_general_dilated=conv_general_dilated, **layer_dtypes)
         self.conv1 = nnx.Conv(1, 6, kernel_size=(5, 5), **conv_options)
-        self.bn1 = make_batch_norm(norm, 6, num_dims=4, dtype=dtype)
+        self.bn1 = make_batch_norm(norm, 6, num_dims=4, **bn_options)
         self.conv2 = nnx.Conv(6, 16, kernel_size=(5, 5), **conv_options)
-        self.bn2 = make_batch_norm(norm, 16, num_dims=4, dtype=dtype)
+        self.bn2 = make_batch_norm(norm, 16, num_dims=4, **bn_options)
         self.fc1 = nnx.Linear(16 * 4 * 4, 120, **layer_dtypes)
-        self.bn3 = make_batch_norm(norm, 120, num_dims=2, dtype=dtype)
+        self.bn3 = make_batch_norm(norm, 120, num_dims=2, **bn_options)
         self.fc2 = nnx.Linear(120, 84, **layer_dtypes)
-        self.bn4 = make_batch_norm(norm, 84, num_dims=2, dtype=dtype)
+        self.bn4 = make_batch_norm(norm, 84, num_dims=2, **bn_options)
         self.fc3 = nnx.Linear(84, 10, **layer_dtypes)
 
-    def __call__(self, X):
-        """X: images (batch, 28, 28, 1), NHWC. Returns logits (batch, 10)."""
+    def __call__(self, X, mask=None):
+        """X: images (batch, 28, 28, 1), NHWC. Returns logits (batch, 10).
+        mask (batch,): True for an example, False for a row that pads a worker's shard (see batch_norm)."""
         check_batch(X, training=not self.bn1.use_running_average)
-        X = nnx.avg_pool(nnx.sigmoid(self.bn1(self.conv1(X))), window_shape=(2, 2), strides=(2, 2))
-        X = nnx.avg_pool(nnx.sigmoid(self.bn2(self.conv2(X))), window_shape=(2, 2), strides=(2, 2))
+        # The mask broadcast against each layer's output, as batch norm's statistics read it.
+        image_mask, feature_mask = (None, None) if mask is None else (mask.reshape(-1, 1, 1, 1), mask.reshape(-1, 1))
+        X = nnx.avg_pool(nnx.sigmoid(self.bn1(self.conv1(X), mask=image_mask)), window_shape=(2, 2), strides=(2, 2))
+        X = nnx.avg_pool(nnx.sigmoid(self.bn2(self.conv2(X), mask=image_mask)), window_shape=(2, 2), strides=(2, 2))
         # NHWC flattens in (height, width, channel) order; build_lenet permuted fc1's
         # inputs so that it reads them as PyTorch's fc1 reads (channel, height, width).
         X = X.reshape(X.shape[0], -1)
-        X = nnx.sigmoid(self.bn3(self.fc1(X)))
-        X = nnx.sigmoid(self.bn4(self.fc2(X)))
+        X = nnx.sigmoid(self.bn3(self.fc1(X), mask=feature_mask))
+        X = nnx.sigmoid(self.bn4(self.fc2(X), mask=feature_mask))
         return self.fc3(X)
 
 
@@ -110,10 +116,11 @@ def from_flax_layout(canonical_key, value):
     return value
 
 
-def build_lenet(weights, norm="scratch", device=None):
-    """A LeNet holding the canonical weights, in their dtype, on `device` (default: JAX's)."""
+def build_lenet(weights, norm="scratch", device=None, axis_name=None):
+    """A LeNet holding the canonical weights, in their dtype, on `device` (default: JAX's); with a
+    mesh axis, its batch norm normalises over the batches of all the axis' workers together."""
     dtype = weights["conv1.weight"].dtype
-    model = LeNet(norm, dtype=dtype)
+    model = LeNet(norm, dtype=dtype, axis_name=axis_name)
     for key in WEIGHT_NAMES:
         value = np.ascontiguousarray(to_flax_layout(key, weights[key]))
         # set_value replaces the array, dtype included: nnx.BatchNorm creates its running

@@ -1,11 +1,20 @@
 """Batch normalization from scratch, PyTorch edition. Mirror: impls/flax/batch_norm.py.
 
 `batch_norm` holds the mathematics, `BatchNorm` the bookkeeping (parameters, moving
-statistics, training versus inference), as in the chapter.
+statistics, training versus inference), as in the chapter. Given the workers of a data-parallel
+run, the statistics are those of the global batch: every worker's shard, each weighed by its size.
 """
+
+import warnings
 
 import torch
 from torch import nn
+from torch.distributed.nn.functional import all_reduce
+
+# Recent torch releases deprecate torch.distributed.nn's differentiable collectives in favour of
+# the private torch.distributed._functional_collectives, whose autograd support older ones lack.
+warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_reduce is deprecated",
+                        category=FutureWarning)
 
 EPS = 1e-5
 # The chapter's convention: moving = MOMENTUM * moving + (1 - MOMENTUM) * batch.
@@ -13,21 +22,35 @@ EPS = 1e-5
 MOMENTUM = 0.9
 
 
-def batch_norm(X, gamma, beta, moving_mean, moving_var, eps, momentum, training):
+def sum_over_workers(value, process_group):
+    """`value` summed over every worker of the process group, the same sum on each; `value` itself
+    without a group (one device). A differentiable collective: its backward pass sums the
+    gradients over the workers in turn, so that the backward pass is synchronised too."""
+    if process_group is None:
+        return value
+    return all_reduce(value, group=process_group)
+
+
+def batch_norm(X, gamma, beta, moving_mean, moving_var, eps, momentum, training, process_group=None):
     """Normalise X; return (Y, new moving mean, new moving variance).
 
     Training normalises with the batch's mean and biased variance and moves the moving
     statistics towards them; inference normalises with the moving statistics.
     The chapter chose the mode with `torch.is_grad_enabled()`; here the caller says.
+    With a process group, the batch is every worker's X together (global statistics).
     """
     # PyTorch is channels-first: a 4-D batch is NCHW, so a channel's statistics gather
     # over the batch and both spatial axes, and per-channel vectors broadcast as (1, C, 1, 1).
     reduce_axes = (0,) if X.ndim == 2 else (0, 2, 3)
     per_channel = (1, -1) if X.ndim == 2 else (1, -1, 1, 1)
     if training:
-        mean = X.mean(dim=reduce_axes)
+        # Sums and counts over every worker, so that a worker holding fewer examples (a shard of
+        # a partial batch) weighs less, exactly as on one device. (new_full, not a copy from the
+        # host: the fast path on a GPU captures this step in a CUDA graph.)
+        count = sum_over_workers(X.new_full((), X.numel() // X.shape[1]), process_group)
+        mean = sum_over_workers(X.sum(dim=reduce_axes), process_group) / count
         # Two passes (subtract the mean, then average the squares), biased: divide by n.
-        var = ((X - mean.reshape(per_channel)) ** 2).mean(dim=reduce_axes)
+        var = sum_over_workers(((X - mean.reshape(per_channel)) ** 2).sum(dim=reduce_axes), process_group) / count
         moving_mean = momentum * moving_mean + (1.0 - momentum) * mean
         moving_var = momentum * moving_var + (1.0 - momentum) * var
     else:
@@ -56,9 +79,11 @@ def check_input(X, num_features, num_dims, training):
 class BatchNorm(nn.Module):
     """The chapter's scratch layer; gamma and beta are trained, the moving statistics are state."""
 
-    def __init__(self, num_features, num_dims):
+    def __init__(self, num_features, num_dims, process_group=None):
         super().__init__()
         self.num_features, self.num_dims = num_features, num_dims
+        # The workers whose batches are normalised together, as for nn.SyncBatchNorm; None: this one.
+        self.process_group = process_group
         self.gamma = nn.Parameter(torch.ones(num_features))
         self.beta = nn.Parameter(torch.zeros(num_features))
         # Buffers, unlike the chapter's plain attributes, follow model.to(device) and
@@ -71,7 +96,7 @@ class BatchNorm(nn.Module):
         # model.train() / model.eval() choose the mode, as for nn.BatchNorm2d.
         Y, moving_mean, moving_var = batch_norm(
             X, self.gamma, self.beta, self.moving_mean, self.moving_var,
-            eps=EPS, momentum=MOMENTUM, training=self.training)
+            eps=EPS, momentum=MOMENTUM, training=self.training, process_group=self.process_group)
         if self.training:
             # In place, as nn.BatchNorm2d updates its buffers: they keep their memory, which
             # a CUDA graph (the fast path on a GPU) reads and writes at every replay.

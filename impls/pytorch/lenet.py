@@ -15,13 +15,19 @@ from impls.pytorch.batch_norm import EPS, MOMENTUM, BatchNorm
 NORMS = ("scratch", "builtin")
 
 
-def make_batch_norm(norm, num_features, num_dims, dtype):
-    """The chapter's scratch layer, or PyTorch's own set to the same momentum and eps."""
+def make_batch_norm(norm, num_features, num_dims, dtype, process_group=None):
+    """The chapter's scratch layer, or PyTorch's own set to the same momentum and eps; with a
+    process group, each normalises over the batches of all its workers together."""
     if norm == "scratch":
-        return BatchNorm(num_features, num_dims).to(dtype)
+        return BatchNorm(num_features, num_dims, process_group).to(dtype)
+    # Synchronised statistics take another class (the layer nn.SyncBatchNorm.convert_sync_batchnorm
+    # would put in its place), for 2-D and 4-D input alike.
     builtin = nn.BatchNorm2d if num_dims == 4 else nn.BatchNorm1d
+    extra = {}
+    if process_group is not None:
+        builtin, extra = nn.SyncBatchNorm, {"process_group": process_group}
     # PyTorch's momentum weighs the new batch: 1 - 0.9 here is the chapter's 0.9.
-    return builtin(num_features, eps=EPS, momentum=1.0 - MOMENTUM, dtype=dtype)
+    return builtin(num_features, eps=EPS, momentum=1.0 - MOMENTUM, dtype=dtype, **extra)
 
 
 
@@ -36,19 +42,20 @@ def check_batch(X, training):
 
 
 class LeNet(nn.Module):
-    def __init__(self, norm="scratch", dtype=torch.float32):
+    def __init__(self, norm="scratch", dtype=torch.float32, process_group=None):
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         self.norm = norm
+        bn_options = dict(dtype=dtype, process_group=process_group)
         self.conv1 = nn.Conv2d(1, 6, kernel_size=5, dtype=dtype)
-        self.bn1 = make_batch_norm(norm, 6, num_dims=4, dtype=dtype)
+        self.bn1 = make_batch_norm(norm, 6, num_dims=4, **bn_options)
         self.conv2 = nn.Conv2d(6, 16, kernel_size=5, dtype=dtype)
-        self.bn2 = make_batch_norm(norm, 16, num_dims=4, dtype=dtype)
+        self.bn2 = make_batch_norm(norm, 16, num_dims=4, **bn_options)
         self.fc1 = nn.Linear(16 * 4 * 4, 120, dtype=dtype)
-        self.bn3 = make_batch_norm(norm, 120, num_dims=2, dtype=dtype)
+        self.bn3 = make_batch_norm(norm, 120, num_dims=2, **bn_options)
         self.fc2 = nn.Linear(120, 84, dtype=dtype)
-        self.bn4 = make_batch_norm(norm, 84, num_dims=2, dtype=dtype)
+        self.bn4 = make_batch_norm(norm, 84, num_dims=2, **bn_options)
         self.fc3 = nn.Linear(84, 10, dtype=dtype)
 
     def forward(self, X):
@@ -78,10 +85,11 @@ def state_dict_key(canonical_key, norm):
     return f"{layer}.{field}"
 
 
-def build_lenet(weights, norm="scratch", device="cpu"):
-    """A LeNet holding the canonical weights, in their dtype, on `device`."""
+def build_lenet(weights, norm="scratch", device="cpu", process_group=None):
+    """A LeNet holding the canonical weights, in their dtype, on `device`; with a process group,
+    its batch norm normalises over the batches of all the group's workers together."""
     dtype = torch.from_numpy(weights["conv1.weight"]).dtype
-    model = LeNet(norm, dtype=dtype)
+    model = LeNet(norm, dtype=dtype, process_group=process_group)
     state = {state_dict_key(key, norm): torch.from_numpy(np.array(weights[key])) for key in WEIGHT_NAMES}
     if norm == "builtin":
         # nn.BatchNorm also counts the batches it has seen; unused with a fixed momentum.
