@@ -2,6 +2,8 @@
 
     python compare.py                      # lr 1.0, 10 epochs, batch 256, all four implementations
     python compare.py --epochs 1 --max-batches 20 --impls torch-scratch,flax-scratch
+    python compare.py --data-parallel 2    # each batch shared by 2 workers, batch norm over all of it
+    torchrun --nproc-per-node 2 compare.py # the same, each process started by torchrun
 
 Every implementation starts from the same canonical weights (common/init.py) and sees the same
 batches in the same order (common/data.py); the report says how far they drift apart.
@@ -16,10 +18,11 @@ import time
 import numpy as np
 
 from common import report
-from common.data import DataError, load_fashion_mnist
-from common.harness import (IMPLEMENTATIONS, MODES, evaluate, parse_implementations, select_devices,
-                            start_run, train_epoch, train_epoch_compiled)
+from common.data import DataError, load_fashion_mnist, shard_bounds
+from common.harness import (IMPLEMENTATIONS, MODES, data_parallel_module, parse_implementations, run_implementation,
+                            select_devices)
 from common.init import PARAMETER_NAMES, canonical_weights
+from common.parallel import DataParallelError, launch_environment, launch_local_workers, pytorch_worker
 
 TRAIN_EXAMPLES = 60000  # Fashion-MNIST's training set
 
@@ -58,6 +61,15 @@ def implementation_list(text):
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def trained_batch_sizes(args):
+    """The sizes of the batches an epoch trains on: the full ones, and a partial last one if reached."""
+    sizes = {args.batch_size} if args.batch_size <= TRAIN_EXAMPLES else set()
+    batches = -(-TRAIN_EXAMPLES // args.batch_size)
+    if TRAIN_EXAMPLES % args.batch_size and (args.max_batches is None or args.max_batches >= batches):
+        sizes.add(TRAIN_EXAMPLES % args.batch_size)
+    return sorted(sizes)
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description="Train LeNet with batch normalization on Fashion-MNIST in PyTorch and Flax NNX, "
@@ -93,6 +105,16 @@ def parse_args(argv=None):
     parser.add_argument("--max-batches", type=positive_int, default=None,
                         help="train on at most N batches per epoch (for quick runs)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parallel = parser.add_argument_group("data parallel")
+    parallel.add_argument("--data-parallel", type=positive_int, default=argparse.SUPPRESS, metavar="N",
+                          help="workers sharing each batch: PyTorch in N processes (torch.distributed, "
+                               "DistributedDataParallel), JAX on a mesh of N devices; under torchrun, "
+                               "every process it starts (default: torchrun's WORLD_SIZE, else 1)")
+    parallel.add_argument("--bn-stats", choices=("global", "local"), default="global",
+                          help="with several workers: batch norm over the whole batch (synchronised "
+                               "statistics), or over each worker's shard alone")
+    parallel.add_argument("--worker-timeout", type=positive_int, default=300, metavar="SECONDS",
+                          help="how long a worker waits for the others: at the rendezvous and at every collective")
     bench = parser.add_argument_group("benchmark (instead of the experiment)")
     bench.add_argument("--bench", action="store_true",
                        help="measure steady-state training throughput of each implementation in both modes "
@@ -104,11 +126,9 @@ def parse_args(argv=None):
     # Batch norm in training cannot normalise a batch of one example (all four refuse it).
     if args.batch_size == 1:
         parser.error("--batch-size 1: batch norm in training needs at least 2 examples per batch")
-    training_batches = -(-TRAIN_EXAMPLES // args.batch_size)
-    if args.max_batches is None or args.max_batches >= training_batches:
-        if TRAIN_EXAMPLES % args.batch_size == 1:
-            parser.error(f"--batch-size {args.batch_size} leaves a last training batch of one example, "
-                         "which batch norm cannot normalise; choose another batch size")
+    if min(trained_batch_sizes(args)) == 1:
+        parser.error(f"--batch-size {args.batch_size} leaves a last training batch of one example, "
+                     "which batch norm cannot normalise; choose another batch size")
     full_batches = TRAIN_EXAMPLES // args.batch_size
     if args.bench and args.bench_batches >= full_batches:
         parser.error(f"--bench-batches {args.bench_batches}: an epoch has only {full_batches} full batches "
@@ -116,6 +136,25 @@ def parse_args(argv=None):
     largest = float(np.finfo(args.dtype).max)
     if args.lr > largest:
         parser.error(f"--lr {args.lr:g} is beyond the largest {args.dtype} ({largest:.3g})")
+    try:
+        launch = launch_environment()
+    except DataParallelError as error:
+        parser.error(str(error))
+    asked = getattr(args, "data_parallel", None)
+    if launch is not None and asked not in (None, launch.world_size):
+        parser.error(f"--data-parallel {asked}: torchrun started {launch.world_size} workers")
+    args.data_parallel = asked or (launch.world_size if launch else 1)
+    if launch is not None and args.bench:
+        parser.error("--bench starts the workers it measures: run it without torchrun (--data-parallel N)")
+    if args.data_parallel > 1:
+        if args.mode == "compiled":
+            parser.error("--data-parallel trains the eager step (one step per batch); leave out --mode compiled")
+        # The smallest shard of the smallest batch: shard_bounds cuts shards that differ by one at most.
+        smallest = min(batch // args.data_parallel for batch in trained_batch_sizes(args))
+        if smallest < 2:
+            parser.error(f"--data-parallel {args.data_parallel} with --batch-size {args.batch_size}: a worker's "
+                         f"shard would hold {smallest} example(s), and batch norm in training needs at least 2 per "
+                         "worker; use fewer workers or larger batches")
     if args.out is None:
         args.out = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     return args
@@ -140,45 +179,62 @@ def divergence(snapshots, names):
     return pairs
 
 
-def run_implementation(name, weights, data, args, device, snapshots):
-    """Train one implementation for all epochs; return its entry of results.json."""
-    train_images, train_labels, test_images, test_labels = data
-    wall_start = time.perf_counter()
-    run = start_run(name, weights, args.lr, device, args.mode, train_images, train_labels)
-    epochs = []
-    for epoch in range(1, args.epochs + 1):
-        if args.mode == "compiled":
-            outcome = train_epoch_compiled(run, len(train_labels), args.batch_size, args.seed, epoch,
-                                           max_batches=args.max_batches, progress=not args.no_progress)
-        else:
-            outcome = train_epoch(run, train_images, train_labels, args.batch_size, args.seed, epoch,
-                                  max_batches=args.max_batches, progress=not args.no_progress)
-        if outcome is None:
-            print(f"{name}: diverged (loss not finite) at step {run.diverged_at_step}, epoch {epoch}",
-                  file=sys.stderr)
-            break
-        train_loss, train_acc = outcome
-        logits, test_acc = evaluate(run, test_images, test_labels, args.batch_size)
-        snapshots[name].append({"weights": run.module.export_weights(run.model), "logits": logits})
-        epochs.append({"epoch": epoch, "train_loss": float(train_loss), "train_acc": float(train_acc),
-                       "test_acc": test_acc, "train_seconds": run.train_seconds})
-        if not args.no_progress:
-            report.print_epoch(name, epochs[-1])
-    final = run.module.export_weights(run.model)
-    return {
-        "device": run.module.device_description(device),
-        "epochs": epochs,
-        "examples_per_sec": run.examples_per_sec,
-        "compile_seconds": run.compile_seconds,
-        "wall_seconds": time.perf_counter() - wall_start,
-        "diverged_at_step": run.diverged_at_step,
-        "first_bn": {"gamma": final["bn1.gamma"].tolist(), "beta": final["bn1.beta"].tolist()},
-    }
+def not_run_reason(name, args, devices):
+    """Why `name` cannot train data-parallel as asked, here; None if it can."""
+    framework, norm = IMPLEMENTATIONS[name]
+    if args.data_parallel == 1 or norm != "builtin" or args.bn_stats != "global":
+        return None
+    workers = args.data_parallel
+    if framework == "pytorch" and devices["pytorch"].type == "cpu":
+        return ("nn.SyncBatchNorm trains only on GPUs (its statistics kernels have no CPU implementation, "
+                "pytorch/pytorch#78078); --bn-stats local runs it on the CPU")
+    uneven = [batch for batch in trained_batch_sizes(args) if batch % workers]
+    if framework == "flax" and uneven:
+        sizes = sorted({stop - start for start, stop in shard_bounds(uneven[0], workers)}, reverse=True)
+        return (f"nnx.BatchNorm(axis_name=...) averages the workers' means without weighing them by their "
+                f"shard sizes (google/flax#2417), and batches of {uneven[0]} over {workers} workers make shards of "
+                f"{' and '.join(map(str, sizes))}; choose batch sizes divisible by {workers}, or --bn-stats local")
+    return None
+
+
+def start_workers(args, launch):
+    """{framework: its workers} for each framework whose workers run in this process: JAX's always
+    (a mesh of local devices, or, under torchrun, jax.distributed's); PyTorch's under torchrun only
+    (otherwise launch_local_workers starts them)."""
+    frameworks = {IMPLEMENTATIONS[name][0] for name in args.impls}
+    workers = {}
+    if launch is not None:
+        # Under torchrun the workers meet at torch.distributed's rendezvous first, whatever runs:
+        # it reports one that cannot be reached as an error, where JAX's client would abort the
+        # process (a fatal error in C++) if its coordinator did not answer in time.
+        torch_parallel = data_parallel_module("pytorch")
+        rendezvous = torch_parallel.start_workers(args.device if "pytorch" in frameworks else "cpu",
+                                                  args.data_parallel, args.worker_timeout)
+        if "pytorch" in frameworks:
+            workers["pytorch"] = rendezvous
+    if "flax" in frameworks:
+        flax_parallel = data_parallel_module("flax")
+        if launch is None:
+            flax_parallel.use_host_devices(args.data_parallel)
+        workers["flax"] = flax_parallel.start_workers(args.device, args.data_parallel, args.worker_timeout)
+    if launch is not None and "pytorch" not in frameworks:
+        torch_parallel.stop_workers(rendezvous)
+    return workers
 
 
 def main(argv=None):
     args = parse_args(argv)
+    launch = launch_environment()
+    reports = launch is None or launch.rank == 0  # under torchrun, worker 0 reports
     dtype = np.dtype(args.dtype)
+    workers = {}
+    if args.data_parallel > 1:
+        # torch.distributed's C++ side logs each failed connection at length; the error says it in a line.
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
+        try:
+            workers = start_workers(args, launch)
+        except DataParallelError as error:
+            sys.exit(f"error: {error}")
     try:
         devices = select_devices(args.impls, args.device, dtype, args.tf32)
     except RuntimeError as error:
@@ -187,28 +243,58 @@ def main(argv=None):
         data = load_fashion_mnist(args.data_dir)
     except DataError as error:
         sys.exit(f"error: {error}")
-    os.makedirs(args.out, exist_ok=True)
+    if reports:
+        os.makedirs(args.out, exist_ok=True)
+    reasons = {name: not_run_reason(name, args, devices) for name in args.impls}
+    reasons = {name: reason for name, reason in reasons.items() if reason}
     if args.bench:
         from common import bench  # noqa: PLC0415 (torchvision is imported only for the benchmark)
-        results = bench.benchmark(args, canonical_weights(args.seed, np.float32), data, devices)
+        try:
+            results = bench.benchmark(args, canonical_weights(args.seed, np.float32), data, devices, workers, reasons)
+        except DataParallelError as error:
+            sys.exit(f"error: {error}")
         bench.print_table(results)
         print(f"\nwrote {bench.write(results, args.out)}")
         return 0
-    report.remove_stale_results(args.out)
+    if reports:
+        report.remove_stale_results(args.out)
 
     weights = canonical_weights(args.seed, dtype)
-    snapshots = {name: [] for name in args.impls}
-    runs = {}
+    runs, snapshots = {}, {}
+    for name, reason in reasons.items():
+        if reports:
+            print(f"{name}: not run: {reason}", file=sys.stderr)
+        runs[name], snapshots[name] = {"not_run": reason}, []
+    # Without torchrun, PyTorch's workers are new processes, started together for all its implementations.
+    local_pytorch = [name for name in args.impls if name not in runs and IMPLEMENTATIONS[name][0] == "pytorch"
+                     and args.data_parallel > 1 and launch is None]
+    if local_pytorch:
+        try:
+            results = launch_local_workers(pytorch_worker, (local_pytorch, args, weights), args.data_parallel)
+        except DataParallelError as error:
+            sys.exit(f"error: {error}")
+        for name in local_pytorch:
+            runs[name], snapshots[name] = results[name]
     for name in args.impls:
-        framework = IMPLEMENTATIONS[name][0]
-        runs[name] = run_implementation(name, weights, data, args, devices[framework], snapshots)
+        if name not in runs:
+            framework = IMPLEMENTATIONS[name][0]
+            runs[name], snapshots[name] = run_implementation(name, weights, data, args, devices[framework],
+                                                             workers.get(framework))
+    for framework, its_workers in workers.items():
+        data_parallel_module(framework).stop_workers(its_workers)
+    if not reports:
+        return 0
+    ran = [name for name in args.impls if "not_run" not in runs[name]]
     results = {
         "config": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
                    "dtype": args.dtype, "tf32": args.tf32, "impls": args.impls, "device": args.device,
-                   "mode": args.mode, "max_batches": args.max_batches},
+                   "mode": args.mode, "max_batches": args.max_batches,
+                   "data_parallel": {"workers": args.data_parallel, "bn_stats": args.bn_stats,
+                                     "started_by": "torchrun" if launch else "compare.py"}
+                   if args.data_parallel > 1 else None},
         "environment": report.environment(devices),
-        "runs": runs,
-        "divergence": divergence(snapshots, args.impls),
+        "runs": {name: runs[name] for name in args.impls},
+        "divergence": divergence(snapshots, ran),
     }
     report.print_report(results)
     paths = report.write_all(results, args.out)

@@ -9,6 +9,10 @@ reading the loss back), not while the DataLoader produces the next batch.
 Every figure is the median of --repeats timings of --bench-batches full batches, after a
 warm-up (compilation) that is timed and reported apart. The repeats go in rounds, each timing
 every row once, so that the machine's drift falls on all of them alike.
+
+With --data-parallel N, each implementation also trains the eager step over N workers, compared
+with its own eager step on one: JAX's mesh in this process, in the rounds with the others;
+PyTorch's N worker processes, started once for its rows, timed in rounds of their own, after.
 """
 
 import gzip
@@ -22,7 +26,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from common import data
-from common.harness import IMPLEMENTATIONS, framework_of, select_devices, start_run
+from common.harness import IMPLEMENTATIONS, data_parallel_module, framework_of, host_batch_step, select_devices, start_run
+from common.parallel import launch_local_workers
 
 WARMUP_BATCHES = 3
 BASELINE_WORKERS = 4  # as d2l.load_data_fashion_mnist
@@ -91,14 +96,15 @@ def chapter_baseline(norm, weights, lr, batch_size, steps, data_dir, device):
     return one_repeat
 
 
-def implementation_timer(name, mode, weights, train_images, train_labels, lr, batch_size, steps, device):
+def implementation_timer(name, mode, weights, train_images, train_labels, lr, batch_size, steps, device,
+                         workers=None, bn_stats="global"):
     """One implementation in one mode, warmed up: (warm-up seconds, a function that times one
-    repeat of `steps` batches and returns examples/sec)."""
-    run = start_run(name, weights, lr, device, mode, train_images, train_labels)
-    module, model = run.module, run.model
-    model.train()
+    repeat of `steps` batches and returns examples/sec). With `workers`: the eager step over them."""
+    run = start_run(name, weights, lr, device, mode, train_images, train_labels, workers, bn_stats)
+    module = run.module
     if mode == "eager":
-        train_step = module.bound_train_step(model, run.optimizer)  # as compare.py's eager loop
+        # As compare.py's eager loop: the step bound to the model, or every worker's step.
+        train_step = run.data_parallel.step if workers is not None else host_batch_step(run)
     batches = data.train_batch_indices(len(train_labels), batch_size, seed=0, epoch=1)
     full = [indices for indices in batches if len(indices) == batch_size]
 
@@ -112,12 +118,10 @@ def implementation_timer(name, mode, weights, train_images, train_labels, lr, ba
             run.trainer.synchronize()
             return
         for batch in indices:
-            X, y = module.to_device(data.to_layout(train_images[batch], module.LAYOUT), train_labels[batch],
-                                    device, run.dtype)
-            train_step(X, y)
-        module.synchronize(model)
+            train_step(data.to_layout(train_images[batch], module.LAYOUT), train_labels[batch])
+        run.synchronize()
 
-    synchronize = run.trainer.synchronize if mode == "compiled" else (lambda: module.synchronize(model))
+    synchronize = run.trainer.synchronize if mode == "compiled" else run.synchronize
 
     def one_repeat(repeat):
         indices = window(repeat, steps)
@@ -133,16 +137,42 @@ def implementation_timer(name, mode, weights, train_images, train_labels, lr, ba
     return time.perf_counter() - start, one_repeat
 
 
-def benchmark(args, weights, dataset, devices, modes=("eager", "compiled")):
-    """Measure everything; returns the bench.json content.
+def pytorch_data_parallel_worker(names, settings, weights):
+    """One of the PyTorch workers that --bench --data-parallel N starts: times the named
+    implementations' eager step over the workers, in rounds. Worker 0 returns {name: (warm-up
+    seconds, examples/sec of each repeat)}; the others None."""
+    parallel = data_parallel_module("pytorch")
+    framework_of(names[0]).allow_tf32(settings.tf32)
+    workers = parallel.start_workers(settings.device, settings.data_parallel, settings.worker_timeout)
+    try:
+        train_images, train_labels, _, _ = data.load_fashion_mnist(settings.data_dir)
+        timers = {name: implementation_timer(name, "eager", weights, train_images, train_labels, settings.lr,
+                                             settings.batch_size, settings.bench_batches, workers.device, workers,
+                                             settings.bn_stats) for name in names}
+        repeats = {name: [] for name in names}
+        for repeat in range(1, settings.repeats + 1):
+            for name in names:
+                repeats[name].append(timers[name][1](repeat))
+    finally:
+        parallel.stop_workers(workers)
+    return {name: (timers[name][0], repeats[name]) for name in names} if workers.process_index == 0 else None
+
+
+def benchmark(args, weights, dataset, devices, workers=None, not_run=None, modes=("eager", "compiled")):
+    """Measure everything; returns the bench.json content. workers: {framework: its workers} for the
+    data-parallel rows that run in this process (JAX's); not_run: {name: why} for the
+    implementations that cannot train data-parallel here.
 
     Every row is built and warmed up first (all at once: in compiled mode each holds the training
     set on its device); then the repeats go in rounds, each timing every row once. A slow minute on a
     shared machine then slows all of them alike, instead of whichever happened to be measured in
     it, and the ratios stay fair."""
     train_images, train_labels = dataset[0], dataset[1]
+    workers, not_run = workers or {}, not_run or {}
     norms = sorted({IMPLEMENTATIONS[name][1] for name in args.impls}, key=["scratch", "builtin"].index)
-    timings = (len(norms) + len(args.impls) * len(modes)) * (1 + args.repeats)
+    parallel = [name for name in args.impls if args.data_parallel > 1 and name not in not_run]
+    in_process = [name for name in parallel if IMPLEMENTATIONS[name][0] in workers]
+    timings = (len(norms) + len(args.impls) * len(modes) + len(in_process)) * (1 + args.repeats)
     progress = tqdm(total=timings, desc="benchmark", unit="timing", disable=args.no_progress)
     torch_module = framework_of("torch-scratch")
     # The chapter's loop runs in PyTorch, whatever is compared: its device, chosen as compare.py
@@ -165,6 +195,16 @@ def benchmark(args, weights, dataset, devices, modes=("eager", "compiled")):
                          "device": framework_of(name).device_description(devices[framework]),
                          "compile_seconds": warmup})
             progress.update()
+    for name in in_process:
+        framework, norm = IMPLEMENTATIONS[name]
+        its_workers = workers[framework]
+        warmup, timer = implementation_timer(name, "eager", weights, train_images, train_labels, args.lr,
+                                             args.batch_size, args.bench_batches, its_workers.device, its_workers,
+                                             args.bn_stats)
+        timers.append(timer)
+        device = f"{args.data_parallel} x {framework_of(name).device_description(its_workers.device)}"
+        rows.append(data_parallel_row(name, args, device, warmup))
+        progress.update()
     for row in rows:
         row["repeats"] = []
     for repeat in range(1, args.repeats + 1):
@@ -174,24 +214,44 @@ def benchmark(args, weights, dataset, devices, modes=("eager", "compiled")):
             rows[index]["repeats"].append(timers[index](repeat))
             progress.update()
     progress.close()
+    # PyTorch's workers are processes of their own: started once, after the rounds above.
+    in_workers = [name for name in parallel if name not in in_process]
+    if in_workers:
+        measured = launch_local_workers(pytorch_data_parallel_worker, (in_workers, args, weights), args.data_parallel)
+        for name in in_workers:
+            warmup, repeats = measured[name]
+            device = f"{args.data_parallel} x {framework_of(name).device_description(devices['pytorch'])}"
+            rows.append(data_parallel_row(name, args, device, warmup, repeats))
     for row in rows:
         row["examples_per_sec"] = statistics.median(row["repeats"])
     baseline = {row["norm"]: row["examples_per_sec"] for row in rows if row["mode"] == "d2l train_ch6"}
+    one_worker = {row["implementation"]: row["examples_per_sec"] for row in rows if row["mode"] == "eager"}
     for row in rows:
         row["ratio_to_baseline"] = row["examples_per_sec"] / baseline[row.pop("norm")]
+        if row.pop("workers", 1) > 1:
+            row["ratio_to_one_worker"] = row["examples_per_sec"] / one_worker[row["implementation"]]
     return {"config": {"batch_size": args.batch_size, "lr": args.lr, "dtype": "float32", "tf32": args.tf32,
                        "bench_batches": args.bench_batches, "repeats": args.repeats, "impls": args.impls,
-                       "baseline_workers": BASELINE_WORKERS,
-                       "order": "rounds, each timing every row once, in a seeded random order"},
+                       "baseline_workers": BASELINE_WORKERS, "data_parallel": args.data_parallel,
+                       "bn_stats": args.bn_stats if args.data_parallel > 1 else None, "not_run": not_run,
+                       "order": "rounds, each timing every row once, in a seeded random order; PyTorch's "
+                                "data-parallel rows in rounds of their own, after"},
             "rows": rows}
 
 
+def data_parallel_row(name, args, device, warmup, repeats=None):
+    return {"implementation": name, "mode": f"eager, {args.data_parallel} workers", "norm": IMPLEMENTATIONS[name][1],
+            "workers": args.data_parallel, "device": device, "compile_seconds": warmup,
+            **({"repeats": repeats} if repeats is not None else {})}
+
+
 def print_table(results):
-    header = ("implementation", "mode", "examples/sec", "x chapter loop", "warm-up s", "device")
+    header = ("implementation", "mode", "examples/sec", "x chapter loop", "x 1 worker", "warm-up s", "device")
     lines = [header]
     for row in results["rows"]:
         lines.append((row["implementation"], row["mode"], f"{row['examples_per_sec']:.1f}",
                       f"{row['ratio_to_baseline']:.2f}",
+                      f"{row['ratio_to_one_worker']:.2f}" if "ratio_to_one_worker" in row else "-",
                       "-" if row["compile_seconds"] is None else f"{row['compile_seconds']:.2f}", row["device"]))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     print("\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines))
@@ -199,7 +259,12 @@ def print_table(results):
     arithmetic = f"{config['dtype']}{' (TF32 allowed)' if config['tf32'] else ''}"
     print(f"(median of {config['repeats']} repeats of {config['bench_batches']} batches of {config['batch_size']}, "
           f"{arithmetic}, taken in rounds over all rows; warm-up timed apart; 'x chapter loop' is against the "
-          "loop with the same batch norm)")
+          "loop with the same batch norm, 'x 1 worker' against the same implementation's eager step)")
+    if config["data_parallel"] > 1:
+        print(f"({config['data_parallel']} workers, {config['bn_stats']} batch-norm statistics; PyTorch's "
+              "data-parallel rows were timed in their worker processes, after the other rows)")
+    for name, reason in config["not_run"].items():
+        print(f"{name}: not run data-parallel: {reason}")
 
 
 def write(results, out):

@@ -459,3 +459,22 @@ def test_batches(images, labels, batch_size, layout="NCHW"):
 
 # Its name starts with "test": keep pytest from collecting it where it is imported.
 test_batches.__test__ = False
+
+
+# ---------------------------------------------------------------------------
+# Shards: a global batch split over the workers of a data-parallel run
+# ---------------------------------------------------------------------------
+
+
+def shard_bounds(batch_size: int, workers: int) -> list:
+    """(start, stop) of each worker's rows in a global batch: contiguous, in worker order, sizes
+    differing by at most one (the first batch_size % workers workers take one more), as
+    numpy.array_split cuts. Every framework's workers take the same rows."""
+    _check_batch_size(batch_size)
+    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers <= 0:
+        raise ValueError(f"workers must be a positive integer, got {workers!r}")
+    if workers > batch_size:
+        raise ValueError(f"a batch of {batch_size} examples cannot be shared by {workers} workers")
+    sizes = [batch_size // workers + (worker < batch_size % workers) for worker in range(workers)]
+    stops = np.cumsum(sizes).tolist()
+    return [(stop - size, stop) for size, stop in zip(sizes, stops)]

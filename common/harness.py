@@ -11,6 +11,7 @@ Timing rules, the same for every implementation:
 """
 
 import importlib
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -50,6 +51,11 @@ def framework_of(name):
     return framework_module(IMPLEMENTATIONS[name][0])
 
 
+def data_parallel_module(framework):
+    """impls/<framework>/data_parallel.py: 'pytorch' or 'flax'."""
+    return importlib.import_module(f"impls.{framework}.data_parallel")
+
+
 def select_devices(names, request, dtype, tf32=False):
     """{framework: device} for every framework the implementations need; RuntimeError if unusable.
     Each framework's float32 arithmetic on GPUs is set alike: TF32 allowed or not (allow_tf32)."""
@@ -78,6 +84,19 @@ class Run:
     diverged_at_step: int | None = None
     steps_done: int = 0
     trainer: object = None  # the fast path's FastTrainer, in --mode compiled
+    data_parallel: object = None  # the DataParallelTrainer, when several workers train
+
+    @property
+    def reports(self):
+        """Whether this process evaluates and reports: always, but for a data-parallel run's
+        processes other than the first."""
+        return self.data_parallel is None or self.data_parallel.workers.process_index == 0
+
+    def synchronize(self):
+        if self.data_parallel is not None:
+            self.data_parallel.synchronize()
+        else:
+            self.module.synchronize(self.model)
 
     @property
     def examples_per_sec(self):
@@ -85,11 +104,20 @@ class Run:
         return self.timed_examples / self.train_seconds if self.timed_examples and self.train_seconds > 0 else float("nan")
 
 
-def start_run(name, weights, lr, device, mode="eager", train_images=None, train_labels=None):
-    """A model from the canonical weights; in compiled mode also the training set on the device."""
+def start_run(name, weights, lr, device, mode="eager", train_images=None, train_labels=None, workers=None,
+              bn_stats="global"):
+    """A model from the canonical weights; in compiled mode also the training set on the device.
+    With `workers` (data parallel), each worker's replica, trained on its shards of the batches;
+    `device` is then this process's first worker's device."""
     module = framework_of(name)
-    _, norm = IMPLEMENTATIONS[name]
+    framework, norm = IMPLEMENTATIONS[name]
     dtype = weights["conv1.weight"].dtype
+    if workers is not None:
+        parallel = data_parallel_module(framework)
+        model = parallel.build_lenet(weights, norm, workers, bn_stats)
+        run = Run(name, module, workers.device, dtype, model, module.make_optimizer(model, lr))
+        run.data_parallel = parallel.DataParallelTrainer(model, run.optimizer, workers)
+        return run
     model = module.build_lenet(weights, norm, device)
     run = Run(name, module, device, dtype, model, module.make_optimizer(model, lr))
     if mode == "compiled":
@@ -105,35 +133,35 @@ def first_non_finite(losses):
 
 
 def train_epoch(run, images, labels, batch_size, seed, epoch, max_batches=None, progress=True):
-    """Train one epoch on the shared batch order; returns (mean loss, accuracy) or None if diverged."""
-    module, model = run.module, run.model
+    """Train one epoch on the shared batch order; returns (mean loss, accuracy) or None if diverged.
+    Data parallel: each worker trains on its shard of every batch; the figures are the whole batches'."""
+    module = run.module
     total = num_batches(len(labels), batch_size)
     if max_batches is not None:
         total = min(total, max_batches)
-    # Training mode, and the step bound to the model for this epoch (evaluations come between).
-    train_step = module.bound_train_step(model, run.optimizer)
+    train_step = run.data_parallel.step if run.data_parallel is not None else host_batch_step(run)
     step_losses, step_correct, seen_examples = [], [], 0
     losses_read = []  # the step losses read back so far, for the progress bar
-    bar = tqdm(total=total, desc=f"{run.name} epoch {epoch}", unit="batch", leave=False, disable=not progress)
-    module.synchronize(model)
+    bar = tqdm(total=total, desc=f"{run.name} epoch {epoch}", unit="batch", leave=False,
+               disable=not (progress and run.reports))
+    run.synchronize()
     epoch_start = time.perf_counter()
     epoch_compile_seconds = 0.0
     for step, (batch_images, batch_labels) in enumerate(
             train_batches(images, labels, batch_size, seed, epoch, layout=module.LAYOUT)):
         if step == total:
             break
-        X, y = module.to_device(batch_images, batch_labels, run.device, run.dtype)
-        if X.shape in run.seen_shapes:
-            loss_sum, correct = train_step(X, y)
+        if batch_images.shape in run.seen_shapes:
+            loss_sum, correct = train_step(batch_images, batch_labels)
             run.timed_examples += len(batch_labels)
         else:
             # A new shape: JAX traces and compiles here. Time it apart.
-            module.synchronize(model)
+            run.synchronize()
             compile_start = time.perf_counter()
-            loss_sum, correct = train_step(X, y)
-            module.synchronize(model)
+            loss_sum, correct = train_step(batch_images, batch_labels)
+            run.synchronize()
             epoch_compile_seconds += time.perf_counter() - compile_start
-            run.seen_shapes.add(X.shape)
+            run.seen_shapes.add(batch_images.shape)
         step_losses.append(loss_sum)
         step_correct.append(correct)
         seen_examples += len(batch_labels)
@@ -147,12 +175,22 @@ def train_epoch(run, images, labels, batch_size, seed, epoch, max_batches=None, 
                 bar.close()
                 return None
             bar.set_postfix(loss=f"{sum(losses_read) / seen_examples:.4f}")
-    module.synchronize(model)
+    run.synchronize()
     run.train_seconds += time.perf_counter() - epoch_start - epoch_compile_seconds
     run.compile_seconds += epoch_compile_seconds
     bar.close()
     # The last step read every loss back (step + 1 == total): no need to read them again.
     return epoch_outcome(run, np.array(losses_read), step_correct, seen_examples)
+
+
+def host_batch_step(run):
+    """The chapter's step on one device: each batch from host memory to the device, then
+    train_step, bound to the model for this epoch (evaluations come between). Training mode."""
+    bound_step = run.module.bound_train_step(run.model, run.optimizer)
+
+    def step(images, labels):
+        return bound_step(*run.module.to_device(images, labels, run.device, run.dtype))
+    return step
 
 
 def epoch_outcome(run, losses, step_correct, seen_examples):
@@ -199,11 +237,72 @@ def train_epoch_compiled(run, num_examples, batch_size, seed, epoch, max_batches
 
 
 def evaluate(run, images, labels, batch_size):
-    """Inference-mode logits for the whole test set (numpy) and the accuracy."""
+    """Inference-mode logits for the whole test set (numpy) and the accuracy. Data parallel: worker
+    0's model, on its device."""
     module, model = run.module, run.model
+    if run.data_parallel is not None:
+        run.data_parallel.finish()
     model.eval()
     logits = np.concatenate([
         module.to_numpy(module.predict(model, module.to_device(batch_images, batch_labels, run.device, run.dtype)[0]))
         for batch_images, batch_labels in test_batches(images, labels, batch_size, layout=module.LAYOUT)])
     accuracy = float((logits.argmax(axis=1) == labels).mean())
     return logits, accuracy
+
+
+def print_epoch(name, epoch):
+    tqdm.write(f"{name:14s} epoch {epoch['epoch']:2d}: loss {epoch['train_loss']:.3f}, "
+               f"train acc {epoch['train_acc']:.3f}, test acc {epoch['test_acc']:.3f}")
+
+
+def run_implementation(name, weights, data, settings, device, workers=None):
+    """Train one implementation for all epochs, evaluating after each (compare.py's experiment).
+
+    settings: compare.py's flags (epochs, batch_size, lr, seed, mode, max_batches, no_progress, bn_stats).
+    Returns (its entry of results.json, its snapshots: weights and test logits after each epoch); in a
+    data-parallel run, in the process that reports only, and (None, None) in the others."""
+    train_images, train_labels, test_images, test_labels = data
+    wall_start = time.perf_counter()
+    run = start_run(name, weights, settings.lr, device, settings.mode, train_images, train_labels, workers,
+                    getattr(settings, "bn_stats", "global"))
+    progress = not settings.no_progress and run.reports
+    epochs, snapshots = [], []
+    for epoch in range(1, settings.epochs + 1):
+        if settings.mode == "compiled":
+            outcome = train_epoch_compiled(run, len(train_labels), settings.batch_size, settings.seed, epoch,
+                                           max_batches=settings.max_batches, progress=progress)
+        else:
+            outcome = train_epoch(run, train_images, train_labels, settings.batch_size, settings.seed, epoch,
+                                  max_batches=settings.max_batches, progress=progress)
+        if outcome is None:
+            if run.reports:
+                print(f"{name}: diverged (loss not finite) at step {run.diverged_at_step}, epoch {epoch}",
+                      file=sys.stderr)
+            break
+        if not run.reports:
+            continue
+        train_loss, train_acc = outcome
+        logits, test_acc = evaluate(run, test_images, test_labels, settings.batch_size)
+        snapshots.append({"weights": run.module.export_weights(run.model), "logits": logits})
+        epochs.append({"epoch": epoch, "train_loss": float(train_loss), "train_acc": float(train_acc),
+                       "test_acc": test_acc, "train_seconds": run.train_seconds})
+        if progress:
+            print_epoch(name, epochs[-1])
+    if not run.reports:
+        return None, None
+    if run.data_parallel is not None:
+        run.data_parallel.finish()
+    final = run.module.export_weights(run.model)
+    entry = {
+        "device": run.module.device_description(run.device),
+        "epochs": epochs,
+        "examples_per_sec": run.examples_per_sec,
+        "compile_seconds": run.compile_seconds,
+        "wall_seconds": time.perf_counter() - wall_start,
+        "diverged_at_step": run.diverged_at_step,
+        "first_bn": {"gamma": final["bn1.gamma"].tolist(), "beta": final["bn1.beta"].tolist()},
+    }
+    if workers is not None:
+        entry["data_parallel"] = {"workers": workers.count, "bn_stats": settings.bn_stats,
+                                  "engine": workers.description, "devices": workers.devices}
+    return entry, snapshots

@@ -10,7 +10,6 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
 
 from common.harness import framework_module  # noqa: E402
 
@@ -33,22 +32,23 @@ def environment(devices):
                         for framework, device in devices.items()}}
 
 
-def print_epoch(name, epoch):
-    tqdm.write(f"{name:14s} epoch {epoch['epoch']:2d}: loss {epoch['train_loss']:.3f}, "
-               f"train acc {epoch['train_acc']:.3f}, test acc {epoch['test_acc']:.3f}")
-
-
 def print_report(results):
     runs = results["runs"]
     print()
     for name, run in runs.items():
         print(f"== {name} ==")
+        if "not_run" in run:
+            print(f"not run: {run['not_run']}\n")
+            continue
         if run["epochs"]:
             last = run["epochs"][-1]
             # The chapter's two lines.
             print(f"loss {last['train_loss']:.3f}, train acc {last['train_acc']:.3f}, test acc {last['test_acc']:.3f}")
         print(f"{run['examples_per_sec']:.1f} examples/sec on {run['device']}")
         print(f"compile/warm-up {run['compile_seconds']:.2f} s, wall {run['wall_seconds']:.1f} s")
+        if "data_parallel" in run:
+            parallel = run["data_parallel"]
+            print(f"{parallel['workers']} workers, {parallel['bn_stats']} batch-norm statistics: {parallel['engine']}")
         if run["diverged_at_step"]:
             print(f"DIVERGED: loss not finite at step {run['diverged_at_step']}")
         print(f"first BN layer gamma {format_vector(run['first_bn']['gamma'])}")
@@ -80,6 +80,9 @@ def summary_table(results):
     header = ("implementation", "loss", "train acc", "test acc", "examples/sec", "compile s", "wall s", "device")
     rows = []
     for name, run in results["runs"].items():
+        if "not_run" in run:
+            rows.append((name, "-", "-", "-", "-", "-", "-", "not run (see above)"))
+            continue
         last = run["epochs"][-1] if run["epochs"] else None
         rows.append((
             name,
@@ -145,6 +148,8 @@ def plot_curves(results, out):
     metrics = (("train_loss", "train loss"), ("train_acc", "train accuracy"), ("test_acc", "test accuracy"))
     for axis, (key, title) in zip(axes, metrics):
         for index, (name, run) in enumerate(results["runs"].items()):
+            if "not_run" in run:
+                continue
             epochs = [entry["epoch"] for entry in run["epochs"]]
             # Equal numbers would hide one line under another: alternate solid and dashed.
             axis.plot(epochs, [entry[key] for entry in run["epochs"]], marker="o", label=name,
@@ -154,8 +159,10 @@ def plot_curves(results, out):
         axis.grid(alpha=0.3)
     axes[0].legend()
     config = results["config"]
+    parallel = config.get("data_parallel")
+    workers = f", {parallel['workers']} workers ({parallel['bn_stats']} batch-norm statistics)" if parallel else ""
     figure.suptitle(f"LeNet + batch norm on Fashion-MNIST: lr {config['lr']}, batch {config['batch_size']}, "
-                    f"{config['dtype']} (where the implementations agree, their lines lie on top of each other)")
+                    f"{config['dtype']}{workers} (where the implementations agree, their lines lie on top of each other)")
     return save(figure, out, CURVES)
 
 

@@ -2,10 +2,14 @@ import jax
 import pytest
 
 from common.data import load_fashion_mnist
+from impls.flax.data_parallel import use_host_devices
 
 # The parity suite compares float64 results; JAX computes in float32 unless 64-bit mode is on.
 # Every float32 test passes its dtype explicitly, so turning it on does not change those.
 jax.config.update("jax_enable_x64", True)
+# Four CPU devices, for the data-parallel tests' meshes (before JAX starts its CPU backend); the
+# other tests run on the first, as compare.py does.
+use_host_devices(4)
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,7 @@
 import numpy as np
 
 from common.data import to_layout, train_batches
-from common.harness import IMPLEMENTATIONS, framework_of
+from common.harness import IMPLEMENTATIONS, framework_of, start_run
 from common.init import MOVING_STAT_NAMES, PARAMETER_NAMES
 
 NAMES = tuple(IMPLEMENTATIONS)
@@ -36,9 +36,26 @@ def trajectory(name, weights, train_images, train_labels, steps, batch_size=256,
     return np.array(losses), snapshots, (module, model, device)
 
 
+def data_parallel_trajectory(name, weights, workers, bn_stats, train_images, train_labels, steps, batch_size,
+                             checkpoints=()):
+    """trajectory() over data-parallel workers, each on its shard of the same global batches: per-step
+    loss of the global batch, and worker 0's weights after each checkpoint step and the last."""
+    run = start_run(name, weights, 1.0, workers.device, workers=workers, bn_stats=bn_stats)
+    losses, snapshots = [], {}
+    batches = train_batches(train_images, train_labels, batch_size, seed=0, epoch=1, layout=run.module.LAYOUT)
+    for step, (images, labels) in zip(range(1, steps + 1), batches):
+        loss_sum, _ = run.data_parallel.step(images, labels)
+        losses.append(float(loss_sum) / len(labels))
+        if step in checkpoints or step == steps:
+            run.data_parallel.finish()
+            snapshots[step] = run.module.export_weights(run.model)
+    return np.array(losses), snapshots
+
+
 def max_difference(a, b, keys):
     """The largest abs difference over the named arrays of two canonical weight dicts, and where."""
     return max((float(np.max(np.abs(a[key].astype(np.float64) - b[key]))), key) for key in keys)
 
 
-__all__ = ["NAMES", "PARAMETER_NAMES", "MOVING_STAT_NAMES", "build", "inputs", "trajectory", "max_difference"]
+__all__ = ["NAMES", "PARAMETER_NAMES", "MOVING_STAT_NAMES", "build", "inputs", "trajectory",
+           "data_parallel_trajectory", "max_difference"]

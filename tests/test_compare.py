@@ -3,9 +3,10 @@
 A handful of tiny runs (a few batches each, on the real Fashion-MNIST) are shared by several tests
 through module-scoped fixtures: one run of all four implementations for results.json, the plots and
 the printed report; a float64 run; a second run with the same seed and one with another seed; a run
-whose learning rate makes the loss overflow. Every error path is its own cheap run that must stop
-before training with a clear message and leave no results.json behind. One full-size run is
-interrupted with SIGINT.
+whose learning rate makes the loss overflow; the main run's settings over two workers, and a float64
+run under torchrun. Every error path is its own cheap run that must stop before training with a
+clear message and leave no results.json behind. One full-size data-parallel run is interrupted with
+SIGINT.
 
 All training runs pass --device cpu (except the diverging one, which exercises the default 'auto'),
 so that the numbers and the "on cpu" lines hold on a machine with a GPU too.
@@ -18,6 +19,7 @@ import os
 import platform
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -33,7 +35,8 @@ REPO = Path(__file__).resolve().parent.parent
 IMPLS = ["torch-scratch", "torch-builtin", "flax-scratch", "flax-builtin"]
 PAIRS = [list(pair) for pair in itertools.combinations(IMPLS, 2)]
 FLAGS = ["--epochs", "--batch-size", "--lr", "--seed", "--impls", "--dtype", "--device", "--data-dir",
-         "--out", "--max-batches", "--no-progress", "--mode", "--tf32", "--bench"]
+         "--out", "--max-batches", "--no-progress", "--mode", "--tf32", "--bench", "--data-parallel", "--bn-stats",
+         "--worker-timeout"]
 TIMING_FIELDS = {"examples_per_sec", "compile_seconds", "wall_seconds", "train_seconds"}
 RUN_TIMEOUT_S = 300  # generous: a tiny run takes about 15 s on a 2-core CPU
 # PyTorch's OpenMP threads spin-wait: with a second busy process on a 2-core machine (another test
@@ -158,7 +161,7 @@ def test_main_run_config_and_environment(main_run):
     _, _, results = main_run
     assert results["config"] == {"epochs": EPOCHS, "batch_size": BATCH_SIZE, "lr": 1.0, "seed": 0,
                                  "dtype": "float32", "tf32": False, "impls": IMPLS, "device": "cpu", "mode": "eager",
-                                 "max_batches": MAX_BATCHES}
+                                 "max_batches": MAX_BATCHES, "data_parallel": None}
     environment = results["environment"]
     # The subprocess runs this interpreter in this environment: the versions are ours.
     assert environment["python"] == platform.python_version()
@@ -400,6 +403,11 @@ ARGUMENT_ERRORS = [
     (["--batch-size", "59999", "--max-batches", "3"], "--batch-size 59999 leaves a last training batch of one example"),
     (["--mode", "fast"], "argument --mode: invalid choice: 'fast'"),
     (["--bench", "--bench-batches", "500"], "--bench-batches 500: an epoch has only 234 full batches of 256"),
+    (["--data-parallel", "0"], "argument --data-parallel: expected a positive integer, got '0'"),
+    # 256 over 200 workers: shards of 2 and 1; the last batch, 96 examples, leaves some workers none.
+    (["--data-parallel", "200"], "--data-parallel 200 with --batch-size 256: a worker's shard would hold 0 "
+                                 "example(s), and batch norm in training needs at least 2 per worker"),
+    (["--data-parallel", "2", "--mode", "compiled"], "--data-parallel trains the eager step (one step per batch)"),
 ]
 
 
@@ -480,20 +488,23 @@ def test_learning_rate_beyond_float32_fails_cleanly(tmp_path):
 # ---------------------------------------------------------------------------
 
 
-def test_interrupted_run_leaves_no_results_json(tmp_path):
-    """SIGINT during a full-size run: non-zero exit, and no results.json -- not even an earlier one."""
+def test_interrupted_run_leaves_no_results_json_and_no_workers(tmp_path):
+    """SIGINT during a full-size run, data-parallel: non-zero exit, no results.json -- not even an
+    earlier one -- and none of the worker processes compare.py started outlives it."""
     out = tmp_path / "out"
     out.mkdir()
     stale = out / "results.json"
     stale.write_text('{"stale": true}\n')
     stdout_path, stderr_path = tmp_path / "stdout", tmp_path / "stderr"
     with open(stdout_path, "w") as stdout, open(stderr_path, "w") as stderr:
-        # Full size: the chapter's 10 epochs of batch 256, all four implementations, progress bars on.
-        process = subprocess.Popen([sys.executable, "compare.py", "--device", "cpu", "--out", str(out)],
+        # Full size: the chapter's 10 epochs of batch 256, all four implementations (torch-builtin not
+        # run on the CPU), progress bars on; PyTorch's two workers go first.
+        process = subprocess.Popen([sys.executable, "compare.py", "--device", "cpu", "--data-parallel", "2",
+                                    "--out", str(out)],
                                    cwd=REPO, env=ENVIRONMENT, stdout=stdout, stderr=stderr)
         try:
             deadline = time.monotonic() + RUN_TIMEOUT_S
-            # The first progress bar appears as the first epoch's training starts.
+            # Worker 0's first progress bar appears as the first epoch's training starts.
             while "torch-scratch epoch 1" not in stderr_path.read_text():
                 assert process.poll() is None, f"compare.py ended early:\n{stderr_path.read_text()}"
                 assert time.monotonic() < deadline, "training never started"
@@ -501,6 +512,8 @@ def test_interrupted_run_leaves_no_results_json(tmp_path):
             time.sleep(1.0)  # well into training
             assert process.poll() is None
             assert not stale.exists(), "the earlier results.json must be removed when a new run starts"
+            workers = child_processes(process.pid)
+            assert len(workers) >= 2, workers  # the workers (and multiprocessing's resource tracker)
             process.send_signal(signal.SIGINT)
             returncode = process.wait(timeout=120)
         finally:
@@ -508,10 +521,36 @@ def test_interrupted_run_leaves_no_results_json(tmp_path):
                 process.kill()
                 process.wait()
     assert returncode != 0
-    assert "interrupted: no results.json written" in stderr_path.read_text()
+    assert stderr_path.read_text().rstrip().endswith("interrupted: no results.json written")
+    assert "Traceback" not in stderr_path.read_text()
     assert not stale.exists()
     assert not list(out.glob("results.json*"))
     assert "examples/sec" not in stdout_path.read_text()  # no report for a run that did not finish
+    deadline = time.monotonic() + 30
+    while any(is_running(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in workers if is_running(pid)], "worker processes outlived compare.py"
+
+
+def child_processes(pid):
+    """The pids of the processes whose parent is `pid` (Linux: /proc)."""
+    children = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+        except OSError:
+            continue
+        if fields.get("PPid", "").strip() == str(pid):
+            children.append(int(status.parent.name))
+    return children
+
+
+def is_running(pid):
+    """Whether the process exists and is not a zombie."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().split(") ")[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 # ---------------------------------------------------------------------------
@@ -537,17 +576,131 @@ def test_compiled_mode_trains_the_same_batches(tmp_path, main_run):
 
 
 def test_benchmark_writes_every_figure_and_its_ratio(tmp_path):
+    """With --data-parallel 2 (local statistics, which nn.SyncBatchNorm's CPU refusal does not
+    stop): every row of one worker, and each implementation's eager step over 2 workers."""
     out = tmp_path / "out"
     process = completed(run_compare("--bench", "--impls", "torch-builtin,flax-builtin", "--bench-batches", 2,
-                                    "--repeats", 1, "--no-progress", "--device", "cpu", out=out))
+                                    "--repeats", 1, "--data-parallel", 2, "--bn-stats", "local", "--no-progress",
+                                    "--device", "cpu", out=out))
     bench = json.loads((out / "bench.json").read_text())
     rows = {(row["implementation"], row["mode"]): row for row in bench["rows"]}
     assert set(rows) == {("chapter loop (builtin)", "d2l train_ch6"), ("torch-builtin", "eager"),
-                         ("torch-builtin", "compiled"), ("flax-builtin", "eager"), ("flax-builtin", "compiled")}
+                         ("torch-builtin", "compiled"), ("flax-builtin", "eager"), ("flax-builtin", "compiled"),
+                         ("torch-builtin", "eager, 2 workers"), ("flax-builtin", "eager, 2 workers")}
     baseline = rows[("chapter loop (builtin)", "d2l train_ch6")]["examples_per_sec"]
     for (name, mode), row in rows.items():
         assert row["examples_per_sec"] > 0 and len(row["repeats"]) == 1, (name, mode)
         assert row["ratio_to_baseline"] == pytest.approx(row["examples_per_sec"] / baseline), (name, mode)
-        assert row["device"] == "cpu"
+        assert row["device"] == ("2 x cpu" if "workers" in mode else "cpu")
+        if "workers" in mode:
+            one_worker = rows[(name, "eager")]["examples_per_sec"]
+            assert row["ratio_to_one_worker"] == pytest.approx(row["examples_per_sec"] / one_worker), name
+        else:
+            assert "ratio_to_one_worker" not in row
+    assert bench["config"]["data_parallel"] == 2 and bench["config"]["bn_stats"] == "local"
     assert "x chapter loop" in process.stdout and "chapter loop (builtin)" in process.stdout
+    assert "x 1 worker" in process.stdout
     assert not (out / "results.json").exists()  # a benchmark is not an experiment run
+
+
+# ---------------------------------------------------------------------------
+# Data parallel, end to end: compare.py starting its workers, and compare.py under torchrun
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def data_parallel_run(tmp_path_factory):
+    """The main run's settings over 2 workers: PyTorch's two processes, JAX's mesh of two CPU devices."""
+    out = tmp_path_factory.mktemp("data-parallel")
+    process = completed(run_compare(*TINY, "--data-parallel", 2, "--impls", "torch-scratch,torch-builtin,flax-scratch",
+                                    out=out))
+    return process, load_results(out)
+
+
+def test_data_parallel_run_records_its_workers(data_parallel_run):
+    process, results = data_parallel_run
+    assert results["config"]["data_parallel"] == {"workers": 2, "bn_stats": "global", "started_by": "compare.py"}
+    engines = {"torch-scratch": r"torch\.distributed \(gloo\), 2 processes, DistributedDataParallel",
+               "flax-scratch": r"jax\.sharding mesh of 2 cpu devices in one process, shard_map"}
+    for name, engine in engines.items():
+        parallel = results["runs"][name]["data_parallel"]
+        assert parallel["workers"] == 2 and parallel["bn_stats"] == "global"
+        assert re.fullmatch(engine, parallel["engine"]), parallel
+        assert len(parallel["devices"]) == 2 and len(set(parallel["devices"])) == 2, parallel
+        assert f"2 workers, global batch-norm statistics: {parallel['engine']}" in report_section(process.stdout, name)
+
+
+def test_sync_batch_norm_is_reported_as_not_run_on_the_cpu(data_parallel_run):
+    """One line says why, the other implementations run, and the report and results.json say so."""
+    process, results = data_parallel_run
+    reason = results["runs"]["torch-builtin"]["not_run"]
+    assert reason.startswith("nn.SyncBatchNorm trains only on GPUs") and "--bn-stats local" in reason
+    assert [line for line in process.stderr.splitlines() if "not run" in line] == [f"torch-builtin: not run: {reason}"]
+    assert f"not run: {reason}" in report_section(process.stdout, "torch-builtin")
+    assert re.search(r"^torch-builtin +- +- +- +- +- +- +not run", process.stdout, re.MULTILINE)
+    assert [entry["pair"] for entry in results["divergence"]] == [["torch-scratch", "flax-scratch"]]
+
+
+def test_data_parallel_run_trains_as_one_device(data_parallel_run, main_run):
+    """Global statistics over 2 workers: the main run's numbers, within float32 drift."""
+    _, results = data_parallel_run
+    _, _, single = main_run
+    for name in ("torch-scratch", "flax-scratch"):
+        mine, theirs = results["runs"][name], single["runs"][name]
+        for epoch, (a, b) in enumerate(zip(mine["epochs"], theirs["epochs"], strict=True), start=1):
+            assert abs(a["train_loss"] - b["train_loss"]) < FLOAT32_LOSS, (name, epoch, a, b)
+            assert abs(a["train_acc"] - b["train_acc"]) <= 1 / TRAIN_EXAMPLES, (name, epoch, a, b)
+            assert abs(a["test_acc"] - b["test_acc"]) <= 3 / TEST_EXAMPLES, (name, epoch, a, b)
+        for key in ("gamma", "beta"):
+            assert np.max(np.abs(np.subtract(mine["first_bn"][key], theirs["first_bn"][key]))) < FLOAT32_PARAMS
+
+
+def test_compare_under_torchrun_runs_every_framework_across_processes(tmp_path, float64_run):
+    """torchrun starts compare.py twice: each process is one worker of torch.distributed and of
+    jax.distributed (CPU collectives over gloo); worker 0 reports. In float64, the single-device
+    float64 run's numbers within 1e-10, JAX's multi-process mesh included."""
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "compare.py",
+               "--impls", "torch-scratch,flax-scratch", "--dtype", "float64", "--epochs", "1",
+               "--max-batches", "3", "--batch-size", str(BATCH_SIZE), "--no-progress", "--device", "cpu",
+               "--out", str(out)]
+    completed(subprocess.run(command, cwd=REPO, env=ENVIRONMENT, capture_output=True, text=True,
+                             timeout=RUN_TIMEOUT_S))
+    results = load_results(out)
+    assert results["config"]["data_parallel"] == {"workers": 2, "bn_stats": "global", "started_by": "torchrun"}
+    assert results["runs"]["flax-scratch"]["data_parallel"]["engine"] == (
+        "jax.sharding mesh of 2 cpu devices in 2 processes joined by jax.distributed, shard_map")
+    devices = results["runs"]["flax-scratch"]["data_parallel"]["devices"]
+    assert [device.split("/")[0] for device in devices] == ["process 0", "process 1"], devices
+    for name in ("torch-scratch", "flax-scratch"):
+        mine, theirs = results["runs"][name], float64_run["runs"][name]
+        assert abs(mine["epochs"][0]["train_loss"] - theirs["epochs"][0]["train_loss"]) <= FLOAT64_DIVERGENCE, name
+        assert mine["epochs"][0]["test_acc"] == theirs["epochs"][0]["test_acc"], name
+        for key in ("gamma", "beta"):
+            difference = np.max(np.abs(np.subtract(mine["first_bn"][key], theirs["first_bn"][key])))
+            assert difference <= FLOAT64_DIVERGENCE, (name, key, difference)
+    for entry in results["divergence"]:
+        assert max(entry["max_abs_param_diff"]) <= FLOAT64_DIVERGENCE, entry
+
+
+def unused_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_a_rendezvous_that_cannot_be_reached_is_one_line(tmp_path):
+    """Worker 1 of 2, told of a rendezvous where nobody listens: a one-line error within the timeout,
+    nothing written. JAX alone here: its own client would abort the process, so the workers meet at
+    torch.distributed's rendezvous first, whatever they train."""
+    out = tmp_path / "out"
+    port = unused_port()
+    environment = {**ENVIRONMENT, "RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    process = subprocess.run([sys.executable, "compare.py", "--impls", "flax-scratch", "--worker-timeout", "2", "--no-progress",
+                              "--device", "cpu", "--out", str(out)],
+                             cwd=REPO, env=environment, capture_output=True, text=True, timeout=120)
+    assert process.returncode == 1
+    assert_refused(process, out, rf"^error: worker 1 of 2 could not join the rendezvous at 127\.0\.0\.1:{port} "
+                                 r"within 2 s \(.+\); check MASTER_ADDR and MASTER_PORT, and that all 2 workers were started$")
+    assert len(process.stderr.strip().splitlines()) == 1, process.stderr
+    assert not out.exists()

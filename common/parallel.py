@@ -1,0 +1,128 @@
+"""Where the workers of a data-parallel run come from.
+
+On one machine, `compare.py --data-parallel N` starts N local PyTorch workers itself, with the
+launcher torchrun is made of (torch.distributed's elastic_launch: an env:// rendezvous), and runs
+JAX on a mesh of N local devices in its own process. Under torchrun, on one machine or several,
+every process compare.py runs in is one worker of both frameworks: torch.distributed joins the
+PyTorch workers, and jax.distributed joins the JAX processes into one mesh.
+"""
+
+import logging
+import os
+import signal
+from dataclasses import dataclass
+
+# Only where torchrun sets no JAX_COORDINATOR_ADDRESS: JAX's coordinator listens beside torch's store.
+JAX_COORDINATOR_PORT_OFFSET = 1
+
+
+class DataParallelError(RuntimeError):
+    """A data-parallel run that cannot start as asked; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class LaunchEnvironment:
+    """What torchrun tells each worker it starts (env:// rendezvous)."""
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+
+    @property
+    def jax_coordinator(self):
+        """host:port of jax.distributed's coordinator, which worker 0 runs."""
+        return os.environ.get("JAX_COORDINATOR_ADDRESS") or (
+            f"{self.master_addr}:{self.master_port + JAX_COORDINATOR_PORT_OFFSET}")
+
+
+def launch_environment():
+    """The launcher's variables for this process, or None where no launcher started it."""
+    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+        return None
+    values = {}
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        if name not in os.environ:
+            raise DataParallelError(f"{name} is not set, but RANK or WORLD_SIZE is: start the workers with torchrun, "
+                                    "or set all of RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT")
+        values[name] = os.environ[name]
+    try:
+        rank, world_size, master_port = int(values["RANK"]), int(values["WORLD_SIZE"]), int(values["MASTER_PORT"])
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    except ValueError:
+        raise DataParallelError("RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE and MASTER_PORT must be integers, "
+                                f"got {values}") from None
+    if not 0 <= rank < world_size:
+        raise DataParallelError(f"RANK {rank} is not in [0, WORLD_SIZE={world_size})")
+    return LaunchEnvironment(rank, world_size, local_rank, local_world_size, values["MASTER_ADDR"], master_port)
+
+
+def launch_local_workers(function, args, count):
+    """function(*args) in `count` new processes on this machine, started as torchrun starts its
+    workers (each finds RANK, WORLD_SIZE, MASTER_ADDR, ... in its environment). Returns worker 0's
+    result. If one fails, the launcher stops the others; the error says which and why."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=count, run_id=f"compare-{os.getpid()}",
+                          rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0,
+                          monitor_interval=0.1, start_method="spawn")
+    # The launcher logs every failure and signal at length; the error raised below says it in a line.
+    elastic_loggers = [logging.getLogger(name) for name in ["torch.distributed.elastic", *logging.root.manager.loggerDict]
+                       if name.startswith("torch.distributed.elastic")]
+    levels = [logger.level for logger in elastic_loggers]
+    for logger in elastic_loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        return elastic_launch(config, function)(*args)[0]
+    except ChildFailedError as error:
+        rank, failure = error.get_first_failure()
+        raise DataParallelError(f"worker {rank} of {count} failed: {failure_message(failure)}") from None
+    except SignalException as error:
+        # The launcher turns a signal into this exception once it has stopped the workers: Ctrl-C
+        # is then what it is everywhere else.
+        if error.sigval == signal.SIGINT:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        for logger, level in zip(elastic_loggers, levels):
+            logger.setLevel(level)
+
+
+def failure_message(failure):
+    """The exception a worker died of, as the launcher recorded it; the worker's traceback too,
+    unless it was a DataParallelError, which says all there is to say."""
+    data = failure.error_file_data or {}
+    message = data.get("message", {})
+    if isinstance(message, dict):
+        text = message.get("message", "")
+        traceback = message.get("extraInfo", {}).get("py_callstack", "")
+    else:
+        text, traceback = str(message), ""
+    if not text:
+        return f"exit code {failure.exitcode} (see its output above)"
+    if text.startswith(f"{DataParallelError.__name__}: "):
+        return text[len(DataParallelError.__name__) + 2:]
+    return f"{text}\n{traceback}".rstrip()
+
+
+def pytorch_worker(names, settings, weights):
+    """One of the PyTorch workers that compare.py --data-parallel N starts on this machine (through
+    launch_local_workers): trains each named implementation on its shards. Returns worker 0's
+    {name: (entry of results.json, snapshots)}; the others return None."""
+    from common import harness
+    from common.data import load_fashion_mnist
+
+    harness.framework_module("pytorch").allow_tf32(settings.tf32)
+    parallel = harness.data_parallel_module("pytorch")
+    workers = parallel.start_workers(settings.device, settings.data_parallel, settings.worker_timeout)
+    try:
+        data = load_fashion_mnist(settings.data_dir)
+        results = {name: harness.run_implementation(name, weights, data, settings, workers.device, workers)
+                   for name in names}
+    finally:
+        parallel.stop_workers(workers)
+    return results if workers.process_index == 0 else None
