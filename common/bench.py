@@ -15,6 +15,7 @@ with its own eager step on one: JAX's mesh in this process, in the rounds with t
 PyTorch's N worker processes, started once for its rows, timed in rounds of their own, after.
 """
 
+import contextlib
 import gzip
 import json
 import os
@@ -55,6 +56,14 @@ def torchvision_root(data_dir=None):
     return str(root)
 
 
+@contextlib.contextmanager
+def few_cores_warning_silenced():
+    """d2l asks for 4 DataLoader workers whatever the machine; PyTorch warns where there are fewer cores."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="This DataLoader will create")
+        yield
+
+
 def chapter_baseline(norm, weights, lr, batch_size, steps, data_dir, device):
     """d2l's train_ch6 loop, rebuilt, warmed up; returns a function that times one repeat of it
     (examples/sec as d2l counts them)."""
@@ -69,18 +78,19 @@ def chapter_baseline(norm, weights, lr, batch_size, steps, data_dir, device):
     optimizer = module.make_optimizer(model, lr)
     model.train()
 
+    # Workers from a fork server rather than os.fork() (Python's default on Linux before 3.14, so
+    # d2l's there): by now JAX may have started its thread pools in this process, and forking a
+    # multithreaded process can deadlock. They start once and serve every repeat
+    # (persistent_workers): d2l starts them anew at every epoch, but its clock never runs meanwhile,
+    # and restarting four of them took about 8 s a repeat on a 2-core machine.
+    with few_cores_warning_silenced():
+        loader = torch.utils.data.DataLoader(dataset, batch_size, shuffle=True, num_workers=BASELINE_WORKERS,
+                                             generator=torch.Generator().manual_seed(0),
+                                             multiprocessing_context="forkserver", persistent_workers=True)
+
     def one_repeat(repeat):
-        with warnings.catch_warnings():
-            # d2l asks for 4 workers whatever the machine; PyTorch warns where there are fewer cores.
-            warnings.filterwarnings("ignore", message="This DataLoader will create")
-            # Workers from a fork server rather than os.fork() (Python's default on Linux before
-            # 3.14, so d2l's there): by now JAX may have started its thread pools in this process,
-            # and forking a multithreaded process can deadlock. The clock does not run while
-            # workers start.
-            loader = torch.utils.data.DataLoader(dataset, batch_size, shuffle=True, num_workers=BASELINE_WORKERS,
-                                                 generator=torch.Generator().manual_seed(repeat),
-                                                 multiprocessing_context="forkserver")
-            iterator = iter(loader)
+        with few_cores_warning_silenced():
+            iterator = iter(loader)  # a new shuffle of the training set, from the seeded generator
         timed_seconds, timed_examples = 0.0, 0
         for _, (X, y) in zip(range(steps), iterator):
             start = time.perf_counter()
@@ -89,7 +99,6 @@ def chapter_baseline(norm, weights, lr, batch_size, steps, data_dir, device):
             float(loss_sum), int(correct)  # d2l's Accumulator reads both back: a synchronisation
             timed_seconds += time.perf_counter() - start
             timed_examples += len(y)
-        del iterator, loader  # their worker processes end with them
         return timed_examples / timed_seconds
 
     one_repeat(0)  # the first pass warms up, as every other path does
