@@ -7,9 +7,11 @@ every process compare.py runs in is one worker of both frameworks: torch.distrib
 PyTorch workers, and jax.distributed joins the JAX processes into one mesh.
 """
 
+import contextlib
 import logging
 import os
 import signal
+import tempfile
 from dataclasses import dataclass
 
 # Only where torchrun sets no JAX_COORDINATOR_ADDRESS: JAX's coordinator listens beside torch's store.
@@ -63,32 +65,42 @@ def launch_local_workers(function, args, count):
     """function(*args) in `count` new processes on this machine, started as torchrun starts its
     workers (each finds RANK, WORLD_SIZE, MASTER_ADDR, ... in its environment). Returns worker 0's
     result. If one fails, the launcher stops the others; the error says which and why."""
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=count, run_id=f"compare-{os.getpid()}",
-                          rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0,
-                          monitor_interval=0.1, start_method="spawn")
-    # The launcher logs every failure and signal at length; the error raised below says it in a line.
-    elastic_loggers = [logging.getLogger(name) for name in ["torch.distributed.elastic", *logging.root.manager.loggerDict]
-                       if name.startswith("torch.distributed.elastic")]
-    levels = [logger.level for logger in elastic_loggers]
-    for logger in elastic_loggers:
+    # The launcher keeps the workers' error files in a folder: ours, removed afterwards.
+    with tempfile.TemporaryDirectory(prefix="compare-workers-") as log_dir, quiet_launcher():
+        config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=count, run_id=f"compare-{os.getpid()}",
+                              rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0,
+                              monitor_interval=0.1, start_method="spawn", logs_specs=DefaultLogsSpecs(log_dir))
+        try:
+            return elastic_launch(config, function)(*args)[0]
+        except ChildFailedError as error:
+            rank, failure = error.get_first_failure()
+            raise DataParallelError(f"worker {rank} of {count} failed: {failure_message(failure)}") from None
+        except SignalException as error:
+            # The launcher turns a signal into this exception once it has stopped the workers:
+            # Ctrl-C is then what it is everywhere else.
+            if error.sigval == signal.SIGINT:
+                raise KeyboardInterrupt from None
+            raise
+
+
+@contextlib.contextmanager
+def quiet_launcher():
+    """The launcher logs every failure and signal at length; the errors raised instead say it in a line."""
+    prefixes = ("torch.distributed.elastic", "torch.multiprocessing")
+    loggers = [logging.getLogger(name) for name in [*prefixes, *logging.root.manager.loggerDict]
+               if name.startswith(prefixes)]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
         logger.setLevel(logging.CRITICAL)
     try:
-        return elastic_launch(config, function)(*args)[0]
-    except ChildFailedError as error:
-        rank, failure = error.get_first_failure()
-        raise DataParallelError(f"worker {rank} of {count} failed: {failure_message(failure)}") from None
-    except SignalException as error:
-        # The launcher turns a signal into this exception once it has stopped the workers: Ctrl-C
-        # is then what it is everywhere else.
-        if error.sigval == signal.SIGINT:
-            raise KeyboardInterrupt from None
-        raise
+        yield
     finally:
-        for logger, level in zip(elastic_loggers, levels):
+        for logger, level in zip(loggers, levels):
             logger.setLevel(level)
 
 

@@ -190,3 +190,17 @@ def scenarios(weights, steps, local_steps, batch_size):
     finally:
         torch_parallel.stop_workers(workers)
     return results if workers.process_index == 0 else None
+
+
+def fail_on_worker_1():
+    """Worker 1 stops with an error while worker 0 waits for it at a collective."""
+    import os
+
+    import torch.distributed as dist
+
+    from common.parallel import DataParallelError
+    dist.init_process_group("gloo", init_method="env://")
+    if dist.get_rank() == 1:
+        raise DataParallelError("worker 1 cannot go on")
+    dist.barrier()  # never passed: worker 1 is gone
+    return os.getpid()

@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 from common.data import shard_bounds
 from common.init import MOVING_STAT_NAMES, PARAMETER_NAMES, canonical_weights
-from common.parallel import launch_local_workers
+from common.parallel import DataParallelError, launch_local_workers
 from impls.flax import batch_norm as flax_bn
 from impls.flax import data_parallel as flax_parallel
 from impls.flax.data_parallel import AXIS
@@ -436,6 +436,14 @@ def test_shard_map_sums_the_gradients_of_replicated_parameters():
                              check_vma=False)(w, x)
     assert float(summed) == pytest.approx(2 * float(expected), rel=1e-12)
     assert float(averaged) == pytest.approx(float(expected), rel=1e-12)
+
+
+def test_a_worker_that_fails_stops_the_others_and_says_why():
+    """The launcher stops worker 0, which waits at a collective for worker 1, and the error names
+    the worker and its reason in one line."""
+    with pytest.raises(DataParallelError) as failure:
+        launch_local_workers(parallel_workers.fail_on_worker_1, (), parallel_workers.WORKERS)
+    assert str(failure.value) == "worker 1 of 2 failed: worker 1 cannot go on"
 
 
 def test_jax_cannot_shard_a_batch_unevenly():

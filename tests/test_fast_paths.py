@@ -42,15 +42,28 @@ def compiled_epoch(name, weights, images, labels, use_scan=None):
     return np.concatenate(loss_sums) / sizes, run.module.export_weights(run.model)
 
 
+@pytest.fixture(scope="module")
+def eager_epoch(subset):
+    """name -> the eager path's epoch (per-step losses, weights after each step), computed once per
+    implementation and shared by its fast paths."""
+    epochs = {}
+
+    def epoch(name):
+        if name not in epochs:
+            epochs[name] = trajectory(name, canonical_weights(0, np.float64), *subset, steps=4)[:2]
+        return epochs[name]
+    return epoch
+
+
 # Flax runs one lax.scan per epoch on GPUs and a compiled step per batch on the CPU: both here.
 CASES = [(name, None) for name in NAMES] + [("flax-scratch", True), ("flax-builtin", True)]
 
 
 @pytest.mark.parametrize("name, use_scan", CASES, ids=[f"{name}{'-scan' if scan else ''}" for name, scan in CASES])
-def test_compiled_epoch_equals_eager_epoch(name, use_scan, subset):
+def test_compiled_epoch_equals_eager_epoch(name, use_scan, subset, eager_epoch):
     images, labels = subset
     weights = canonical_weights(0, np.float64)
-    eager_losses, eager_weights, _ = trajectory(name, weights, images, labels, steps=4)
+    eager_losses, eager_weights = eager_epoch(name)
     compiled_losses, compiled_weights = compiled_epoch(name, weights, images, labels, use_scan)
     assert len(compiled_losses) == 4
     assert_close("per-step loss, compiled vs eager", f"{name} compiled", compiled_losses, f"{name} eager",

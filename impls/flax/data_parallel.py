@@ -30,7 +30,8 @@ AXIS = "workers"
 
 def use_host_devices(count):
     """`count` CPU devices in this process, for a mesh on the CPU. Read when JAX starts its CPU
-    backend: call it before anything asks JAX for a device."""
+    backend: call it before anything asks JAX for a device. (PyTorch's twin is a process per
+    worker: its CPU workers are processes, not devices.)"""
     jax.config.update("jax_num_cpu_devices", count)
 
 
@@ -87,7 +88,7 @@ def build_lenet(weights, norm, workers, bn_stats):
     return lenet.build_lenet(weights, norm, workers.device, axis_name=axis_name)
 
 
-def worker_loss(model, images, labels, mask, global_batch_size):
+def worker_loss_and_counts(model, images, labels, mask, global_batch_size):
     """This worker's part of the global batch's mean loss, and its shard's (summed loss, number
     correct). mask: True for an example, False for a row that pads the shard, or None (no padding)."""
     logits = model(images, mask)
@@ -102,7 +103,8 @@ def worker_loss(model, images, labels, mask, global_batch_size):
 
 
 # Gradients with respect to nnx.Param only: the moving statistics (nnx.BatchStat) get none.
-worker_value_and_gradients = nnx.value_and_grad(worker_loss, argnums=nnx.DiffState(0, nnx.Param), has_aux=True)
+worker_value_and_gradients = nnx.value_and_grad(worker_loss_and_counts, argnums=nnx.DiffState(0, nnx.Param),
+                                                has_aux=True)
 
 
 def worker_train_step(graphdef, batch_stats, rest, images, labels, mask, global_batch_size, own_statistics):
@@ -151,6 +153,7 @@ class DataParallelTrainer:
         self.batch_stats = jax.tree.map(
             lambda value: self.global_array(value, self.by_worker if self.own_statistics else self.replicated),
             batch_stats)
+        self.dtype = model.conv1.kernel[...].dtype
 
     def global_array(self, local_value, sharding):
         """One array over the whole mesh from this process's part of it (its workers' rows, or,
@@ -174,8 +177,7 @@ class DataParallelTrainer:
         bounds = shard_bounds(len(labels), self.workers.count)
         sizes = [stop - start for start, stop in bounds]
         rows = max(sizes)
-        dtype = self.model.conv1.kernel[...].dtype
-        X = self.global_array(self.shards(np.asarray(images, dtype), bounds, rows), self.by_worker)
+        X = self.global_array(self.shards(np.asarray(images, self.dtype), bounds, rows), self.by_worker)
         y = self.global_array(self.shards(labels.astype(np.int32), bounds, rows), self.by_worker)
         # JAX runs one program on shards of one shape: where the shards differ in size, the shorter
         # are padded, and the mask keeps the padding out of batch norm's statistics and the loss.

@@ -104,7 +104,7 @@ class DataParallelTrainer:
         self.model, self.optimizer, self.workers = model, optimizer, workers
         # DDP broadcasts worker 0's parameters and buffers to every replica now, averages the
         # gradients during each backward pass, and by default broadcasts worker 0's buffers (the
-        # moving statistics) again at the start of every forward pass.
+        # moving statistics) again at the start of each forward pass that follows a training step.
         device_ids = [workers.device.index] if workers.device.type == "cuda" else None
         self.replica = DistributedDataParallel(model, device_ids=device_ids)
         # The parameters' dtype in numpy's terms, as to_device takes it.
