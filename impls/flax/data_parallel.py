@@ -132,28 +132,16 @@ def train_on_shards(graphdef, mesh, batch_stats, rest, images, labels, mask, glo
     return step(batch_stats, rest, images, labels, mask)
 
 
-class DataParallelTrainer:
-    """Trains the model on every worker of the mesh, each on its shard of each global batch."""
+class MeshTrainer:
+    """What a trainer over the mesh needs whichever Flax API holds the model (NNX here, Linen in
+    impls/linen/data_parallel.py): this process's workers, arrays over the whole mesh, and each
+    global batch cut into shards of one shape."""
 
-    def __init__(self, model, optimizer, workers):
-        self.model, self.optimizer, self.workers = model, optimizer, workers
-        mesh = workers.mesh
-        # Without an axis to sum over, each worker's moving statistics follow its own shards: they
-        # differ, so each worker keeps its own, stacked along the mesh axis.
-        self.own_statistics = model.bn1.axis_name is None
-        self.own_workers = [index for index, device in enumerate(mesh.devices.flat)
+    def __init__(self, workers):
+        self.workers = workers
+        self.own_workers = [index for index, device in enumerate(workers.mesh.devices.flat)
                             if device.process_index == jax.process_index()]
-        self.replicated, self.by_worker = NamedSharding(mesh, P()), NamedSharding(mesh, P(AXIS))
-        model.train()
-        # NNX's graph bookkeeping once, here; the step works on the arrays.
-        self.graphdef, batch_stats, rest = nnx.split((model, optimizer), nnx.BatchStat, ...)
-        self.rest = jax.tree.map(lambda value: self.global_array(value, self.replicated), rest)
-        if self.own_statistics:
-            batch_stats = jax.tree.map(lambda value: np.stack([value] * len(self.own_workers)), batch_stats)
-        self.batch_stats = jax.tree.map(
-            lambda value: self.global_array(value, self.by_worker if self.own_statistics else self.replicated),
-            batch_stats)
-        self.dtype = model.conv1.kernel[...].dtype
+        self.replicated, self.by_worker = NamedSharding(workers.mesh, P()), NamedSharding(workers.mesh, P(AXIS))
 
     def global_array(self, local_value, sharding):
         """One array over the whole mesh from this process's part of it (its workers' rows, or,
@@ -163,6 +151,10 @@ class DataParallelTrainer:
             (len(local_value) // len(self.own_workers)) * self.workers.count, *local_value.shape[1:])
         return jax.make_array_from_process_local_data(sharding, local_value, shape)
 
+    def stacked(self, value):
+        """A value every worker starts from, one copy per worker along the mesh axis."""
+        return self.global_array(np.stack([np.asarray(value)] * len(self.own_workers)), self.by_worker)
+
     def shards(self, array, bounds, rows):
         """This process's workers' shards of a global batch, each padded to `rows` rows."""
         blocks = np.zeros((len(self.own_workers), rows, *array.shape[1:]), array.dtype)
@@ -171,20 +163,49 @@ class DataParallelTrainer:
             block[:stop - start] = array[start:stop]
         return blocks.reshape(-1, *array.shape[1:])
 
-    def step(self, images, labels):
-        """One SGD step on a global batch (numpy, this framework's layout), each worker training on
-        its shard. Returns the global batch's (summed loss, number correct)."""
+    def sharded_batch(self, images, labels, dtype):
+        """A global batch (numpy) over the mesh, each worker's shard in its block of rows: (images,
+        labels, mask). JAX runs one program on shards of one shape: where the shards differ in size,
+        the shorter are padded, and the mask keeps the padding out of batch norm's statistics and
+        the loss; None where they do not."""
         bounds = shard_bounds(len(labels), self.workers.count)
         sizes = [stop - start for start, stop in bounds]
         rows = max(sizes)
-        X = self.global_array(self.shards(np.asarray(images, self.dtype), bounds, rows), self.by_worker)
+        X = self.global_array(self.shards(np.asarray(images, dtype), bounds, rows), self.by_worker)
         y = self.global_array(self.shards(labels.astype(np.int32), bounds, rows), self.by_worker)
-        # JAX runs one program on shards of one shape: where the shards differ in size, the shorter
-        # are padded, and the mask keeps the padding out of batch norm's statistics and the loss.
         mask = None
         if min(sizes) < rows:
             mask = self.global_array(np.concatenate([np.arange(rows) < sizes[worker] for worker in self.own_workers]),
                                      self.by_worker)
+        return X, y, mask
+
+    def worker_0(self, value, stacked=False):
+        """Worker 0's copy of a value over the mesh, on its device (in process 0)."""
+        shard = next(shard for shard in value.addressable_shards if shard.device == self.workers.device)
+        return shard.data[0] if stacked else shard.data
+
+
+class DataParallelTrainer(MeshTrainer):
+    """Trains the model on every worker of the mesh, each on its shard of each global batch."""
+
+    def __init__(self, model, optimizer, workers):
+        super().__init__(workers)
+        self.model, self.optimizer = model, optimizer
+        # Without an axis to sum over, each worker's moving statistics follow its own shards: they
+        # differ, so each worker keeps its own, stacked along the mesh axis.
+        self.own_statistics = model.bn1.axis_name is None
+        model.train()
+        # NNX's graph bookkeeping once, here; the step works on the arrays.
+        self.graphdef, batch_stats, rest = nnx.split((model, optimizer), nnx.BatchStat, ...)
+        self.rest = jax.tree.map(lambda value: self.global_array(value, self.replicated), rest)
+        self.batch_stats = jax.tree.map(self.stacked if self.own_statistics else (
+            lambda value: self.global_array(value, self.replicated)), batch_stats)
+        self.dtype = model.conv1.kernel[...].dtype
+
+    def step(self, images, labels):
+        """One SGD step on a global batch (numpy, this framework's layout), each worker training on
+        its shard. Returns the global batch's (summed loss, number correct)."""
+        X, y, mask = self.sharded_batch(images, labels, self.dtype)
         self.batch_stats, self.rest, loss_sum, correct = train_on_shards(
             self.graphdef, self.workers.mesh, self.batch_stats, self.rest, X, y, mask, len(labels),
             self.own_statistics)
@@ -197,9 +218,6 @@ class DataParallelTrainer:
         """Worker 0's state into self.model, on worker 0's device, for evaluation and export. Where
         each worker keeps its own moving statistics, worker 0's: as flax.jax_utils.unreplicate took
         device 0's copy under pmap, and as DDP's default hands worker 0's buffers to every replica."""
-        def worker_0(value, stacked):
-            shard = next(shard for shard in value.addressable_shards if shard.device == self.workers.device)
-            return shard.data[0] if stacked else shard.data
         nnx.update((self.model, self.optimizer),
-                   jax.tree.map(partial(worker_0, stacked=self.own_statistics), self.batch_stats),
-                   jax.tree.map(partial(worker_0, stacked=False), self.rest))
+                   jax.tree.map(partial(self.worker_0, stacked=self.own_statistics), self.batch_stats),
+                   jax.tree.map(self.worker_0, self.rest))
