@@ -1,6 +1,6 @@
-"""The chapter's experiment -- LeNet with batch normalization on Fashion-MNIST -- four ways.
+"""The chapter's experiment -- LeNet with batch normalization on Fashion-MNIST -- six ways.
 
-    python compare.py                      # lr 1.0, 10 epochs, batch 256, all four implementations
+    python compare.py                      # lr 1.0, 10 epochs, batch 256, all six implementations
     python compare.py --epochs 1 --max-batches 20 --impls torch-scratch,flax-scratch
     python compare.py --data-parallel 2    # each batch shared by 2 workers, batch norm over all of it
     torchrun --nproc-per-node 2 compare.py # the same, each process started by torchrun
@@ -25,6 +25,7 @@ from common.init import PARAMETER_NAMES, canonical_weights
 from common.parallel import DataParallelError, launch_environment, launch_local_workers, pytorch_worker
 
 TRAIN_EXAMPLES = 60000  # Fashion-MNIST's training set
+JAX_FRAMEWORKS = {"flax", "linen"}  # Flax's two APIs, NNX and Linen, on one JAX
 
 
 def integer_at_least(minimum, expected):
@@ -72,9 +73,9 @@ def trained_batch_sizes(args):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        description="Train LeNet with batch normalization on Fashion-MNIST in PyTorch and Flax NNX, "
+        description="Train LeNet with batch normalization on Fashion-MNIST in PyTorch, Flax NNX and Flax Linen, "
                     "from scratch and built in, from one initialisation on one batch order, and "
-                    "report accuracy, speed and how far the four drift apart.",
+                    "report accuracy, speed and how far they drift apart.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--epochs", type=positive_int, default=10, help="training epochs")
     parser.add_argument("--batch-size", type=positive_int, default=256, help="examples per batch")
@@ -123,7 +124,7 @@ def parse_args(argv=None):
     bench.add_argument("--bench-batches", type=positive_int, default=50, help="batches per timed repeat")
     bench.add_argument("--repeats", type=positive_int, default=5, help="timed repeats; the median is reported")
     args = parser.parse_args(argv)
-    # Batch norm in training cannot normalise a batch of one example (all four refuse it).
+    # Batch norm in training cannot normalise a batch of one example (all six refuse it).
     if args.batch_size == 1:
         parser.error("--batch-size 1: batch norm in training needs at least 2 examples per batch")
     if min(trained_batch_sizes(args)) == 1:
@@ -189,9 +190,10 @@ def not_run_reason(name, args, devices):
         return ("nn.SyncBatchNorm trains only on GPUs (its statistics kernels have no CPU implementation, "
                 "pytorch/pytorch#78078); --bn-stats local runs it on the CPU")
     uneven = [batch for batch in trained_batch_sizes(args) if batch % workers]
-    if framework == "flax" and uneven:
+    if framework in JAX_FRAMEWORKS and uneven:
         sizes = sorted({stop - start for start, stop in shard_bounds(uneven[0], workers)}, reverse=True)
-        return (f"nnx.BatchNorm(axis_name=...) averages the workers' means without weighing them by their "
+        layer = "nnx.BatchNorm" if framework == "flax" else "linen.BatchNorm"
+        return (f"{layer}(axis_name=...) averages the workers' means without weighing them by their "
                 f"shard sizes (google/flax#2417), and batches of {uneven[0]} over {workers} workers make shards of "
                 f"{' and '.join(map(str, sizes))}; choose batch sizes divisible by {workers}, or --bn-stats local")
     return None
@@ -199,8 +201,8 @@ def not_run_reason(name, args, devices):
 
 def start_workers(args, launch):
     """{framework: its workers} for each framework whose workers run in this process: JAX's always
-    (a mesh of local devices, or, under torchrun, jax.distributed's); PyTorch's under torchrun only
-    (otherwise launch_local_workers starts them)."""
+    (a mesh of local devices, or, under torchrun, jax.distributed's), one mesh for both Flax APIs;
+    PyTorch's under torchrun only (otherwise launch_local_workers starts them)."""
     frameworks = {IMPLEMENTATIONS[name][0] for name in args.impls}
     workers = {}
     if launch is not None:
@@ -212,14 +214,23 @@ def start_workers(args, launch):
                                                   args.data_parallel, args.worker_timeout)
         if "pytorch" in frameworks:
             workers["pytorch"] = rendezvous
-    if "flax" in frameworks:
-        flax_parallel = data_parallel_module("flax")
+    jax_frameworks = frameworks & JAX_FRAMEWORKS
+    if jax_frameworks:
+        jax_parallel = data_parallel_module("flax")
         if launch is None:
-            flax_parallel.use_host_devices(args.data_parallel)
-        workers["flax"] = flax_parallel.start_workers(args.device, args.data_parallel, args.worker_timeout)
+            jax_parallel.use_host_devices(args.data_parallel)
+        mesh = jax_parallel.start_workers(args.device, args.data_parallel, args.worker_timeout)
+        workers.update(dict.fromkeys(jax_frameworks, mesh))
     if launch is not None and "pytorch" not in frameworks:
         torch_parallel.stop_workers(rendezvous)
     return workers
+
+
+def stop_workers(workers):
+    """Each framework's workers, once: both Flax APIs share one mesh."""
+    for framework, its_workers in {id(its_workers): (framework, its_workers)
+                                   for framework, its_workers in workers.items()}.values():
+        data_parallel_module(framework).stop_workers(its_workers)
 
 
 def main(argv=None):
@@ -280,8 +291,7 @@ def main(argv=None):
             framework = IMPLEMENTATIONS[name][0]
             runs[name], snapshots[name] = run_implementation(name, weights, data, args, devices[framework],
                                                              workers.get(framework))
-    for framework, its_workers in workers.items():
-        data_parallel_module(framework).stop_workers(its_workers)
+    stop_workers(workers)
     if not reports:
         return 0
     ran = [name for name in args.impls if "not_run" not in runs[name]]

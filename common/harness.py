@@ -25,6 +25,8 @@ IMPLEMENTATIONS = {
     "torch-builtin": ("pytorch", "builtin"),
     "flax-scratch": ("flax", "scratch"),
     "flax-builtin": ("flax", "builtin"),
+    "linen-scratch": ("linen", "scratch"),
+    "linen-builtin": ("linen", "builtin"),
 }
 MODES = ("eager", "compiled")
 # How often the progress bar reads the running loss back from the device (a synchronisation).
@@ -42,7 +44,7 @@ def parse_implementations(text):
 
 
 def framework_module(framework):
-    """impls/<framework>/train.py: 'pytorch' or 'flax'."""
+    """impls/<framework>/train.py: 'pytorch', 'flax' (NNX) or 'linen'."""
     return importlib.import_module(f"impls.{framework}.train")
 
 
@@ -52,7 +54,7 @@ def framework_of(name):
 
 
 def data_parallel_module(framework):
-    """impls/<framework>/data_parallel.py: 'pytorch' or 'flax'."""
+    """impls/<framework>/data_parallel.py: 'pytorch', 'flax' (NNX) or 'linen'."""
     return importlib.import_module(f"impls.{framework}.data_parallel")
 
 

@@ -1,19 +1,18 @@
-"""One batch-norm layer, four ways, behind one signature, plus a plain NumPy reference.
+"""One batch-norm layer, six ways, behind one signature, plus a plain NumPy reference.
 
-Inputs and outputs are NCHW (or (N, C)) numpy arrays; the Flax layers see NHWC and the
-results are transposed back, so that every comparison is made in one layout.
+Inputs and outputs are NCHW (or (N, C)) numpy arrays; the Flax layers (NNX and Linen) see NHWC
+and the results are transposed back, so that every comparison is made in one layout.
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from flax import nnx
+from flax import linen, nnx
 
 from impls.flax import batch_norm as flax_bn
+from impls.linen import batch_norm as linen_bn
 from impls.pytorch import batch_norm as torch_bn
-
-LAYER_IMPLEMENTATIONS = ("torch-scratch", "torch-builtin", "flax-scratch", "flax-builtin")
 
 
 def to_nhwc(x):
@@ -129,5 +128,40 @@ def flax_builtin(batches, gamma, beta, cotangent, training=True):
     return (*first, np.asarray(layer.mean[...]), np.asarray(layer.var[...]))
 
 
+def linen_layer(layer, names, batches, gamma, beta, cotangent, training):
+    """A Linen batch-norm module applied to each batch in turn, its 'batch_stats' collection
+    threaded from one apply to the next; names: (gamma, beta, moving mean, moving variance) as the
+    module calls its variables."""
+    gamma_name, beta_name, mean_name, var_name = names
+
+    def loss(X, gamma, beta, batch_stats):
+        variables = {"params": {gamma_name: gamma, beta_name: beta}, "batch_stats": batch_stats}
+        Y, changed = layer.apply(variables, X, use_running_average=not training, mutable=["batch_stats"])
+        return (Y * to_nhwc(cotangent)).sum(), (Y, changed["batch_stats"])
+
+    gradient_function = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+    batch_stats = {mean_name: jnp.zeros(gamma.shape, gamma.dtype), var_name: jnp.ones(gamma.shape, gamma.dtype)}
+    for index, X in enumerate(batches):
+        (_, (Y, batch_stats)), grads = gradient_function(jnp.asarray(to_nhwc(X)), jnp.asarray(gamma),
+                                                         jnp.asarray(beta), batch_stats)
+        if index == 0:
+            first = to_nchw(np.asarray(Y)), {"X": to_nchw(np.asarray(grads[0])), "gamma": np.asarray(grads[1]),
+                                             "beta": np.asarray(grads[2])}
+    return (*first, np.asarray(batch_stats[mean_name]), np.asarray(batch_stats[var_name]))
+
+
+def linen_scratch(batches, gamma, beta, cotangent, training=True):
+    layer = linen_bn.BatchNorm(len(gamma), batches[0].ndim, dtype=gamma.dtype)
+    return linen_layer(layer, ("gamma", "beta", "moving_mean", "moving_var"), batches, gamma, beta, cotangent,
+                       training)
+
+
+def linen_builtin(batches, gamma, beta, cotangent, training=True):
+    layer = linen.BatchNorm(momentum=linen_bn.MOMENTUM, epsilon=linen_bn.EPS, use_fast_variance=False,
+                            dtype=gamma.dtype, param_dtype=gamma.dtype)
+    return linen_layer(layer, ("scale", "bias", "mean", "var"), batches, gamma, beta, cotangent, training)
+
+
 LAYERS = {"torch-scratch": torch_scratch, "torch-builtin": torch_builtin,
-          "flax-scratch": flax_scratch, "flax-builtin": flax_builtin}
+          "flax-scratch": flax_scratch, "flax-builtin": flax_builtin,
+          "linen-scratch": linen_scratch, "linen-builtin": linen_builtin}

@@ -1,7 +1,7 @@
 """End-to-end tests of compare.py, run as a subprocess the way a user runs it.
 
 A handful of tiny runs (a few batches each, on the real Fashion-MNIST) are shared by several tests
-through module-scoped fixtures: one run of all four implementations for results.json, the plots and
+through module-scoped fixtures: one run of all six implementations for results.json, the plots and
 the printed report; a float64 run; a second run with the same seed and one with another seed; a run
 whose learning rate makes the loss overflow; the main run's settings over two workers, and a float64
 run under torchrun. Every error path is its own cheap run that must stop before training with a
@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-IMPLS = ["torch-scratch", "torch-builtin", "flax-scratch", "flax-builtin"]
+IMPLS = ["torch-scratch", "torch-builtin", "flax-scratch", "flax-builtin", "linen-scratch", "linen-builtin"]
 PAIRS = [list(pair) for pair in itertools.combinations(IMPLS, 2)]
 FLAGS = ["--epochs", "--batch-size", "--lr", "--seed", "--impls", "--dtype", "--device", "--data-dir",
          "--out", "--max-batches", "--no-progress", "--mode", "--tf32", "--bench", "--data-parallel", "--bn-stats",
@@ -120,7 +120,7 @@ def jax_compilation_cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def main_run(tmp_path_factory):
-    """All four implementations, float32, seed 0: (CompletedProcess, out folder, results)."""
+    """All six implementations, float32, seed 0: (CompletedProcess, out folder, results)."""
     out = tmp_path_factory.mktemp("main")
     process = completed(run_compare(*TINY, out=out))
     return process, out, load_results(out)
@@ -168,7 +168,7 @@ def test_main_run_config_and_environment(main_run):
     for package in ("numpy", "torch", "jax", "flax", "optax"):
         assert isinstance(environment[package], str)
         assert environment[package] == version(package)
-    assert environment["devices"] == {"pytorch": "cpu", "flax": "cpu"}
+    assert environment["devices"] == {"pytorch": "cpu", "flax": "cpu", "linen": "cpu"}
 
 
 def test_main_run_per_implementation_entries(main_run):
@@ -234,11 +234,11 @@ def test_main_run_divergence(main_run):
 
     with_builtin = [entry for entry in divergence if "torch-builtin" in entry["pair"]]
     others = [entry for entry in divergence if "torch-builtin" not in entry["pair"]]
-    assert len(with_builtin) == 3 and len(others) == 3
+    assert len(with_builtin) == 5 and len(others) == 10
     for entry in others:
         assert max(entry["max_abs_test_logit_diff"]) < FLOAT32_LOGITS, entry
     # torch-builtin keeps an unbiased running variance: its inference-mode logits stand apart from
-    # all three others, by more than those differ among themselves, yet stay finite.
+    # all five others, by more than those differ among themselves, yet stay finite.
     for epoch in range(EPOCHS):
         largest_other = max(entry["max_abs_test_logit_diff"][epoch] for entry in others)
         for entry in with_builtin:
@@ -295,7 +295,7 @@ def test_main_run_report(main_run):
     assert re.fullmatch(r"implementation\s+loss\s+train acc\s+test acc\s+examples/sec\s+compile s\s+wall s\s+device",
                         lines[header])
     assert re.fullmatch(r"[- ]+", lines[header + 1])
-    for name, row in zip(IMPLS, lines[header + 2:header + 6]):
+    for name, row in zip(IMPLS, lines[header + 2:header + 2 + len(IMPLS)], strict=True):
         cells = row.split()
         assert cells[0] == name and cells[-1] == "cpu", row
         assert cells[1] == f"{results['runs'][name]['epochs'][-1]['train_loss']:.3f}", row
@@ -323,13 +323,15 @@ def test_float64_frameworks_agree(float64_run):
 
 
 def test_same_seed_gives_identical_results(main_run, tmp_path):
-    """A second run with the same seed (two of the four implementations) repeats every number."""
+    """A second run with the same seed (two of the six implementations) repeats every number."""
     _, _, first = main_run
-    names = ["torch-builtin", "flax-builtin"]
+    names = ["torch-builtin", "linen-builtin"]
     completed(run_compare(*TINY, "--impls", ",".join(names), out=tmp_path))
     second = load_results(tmp_path)
     assert second["config"] == {**first["config"], "impls": names}
-    assert second["environment"] == first["environment"]
+    devices = second["environment"].pop("devices")
+    assert devices == {framework: first["environment"]["devices"][framework] for framework in ("pytorch", "linen")}
+    assert second["environment"] == {key: value for key, value in first["environment"].items() if key != "devices"}
     for name in names:
         assert without_timing(second["runs"][name]) == without_timing(first["runs"][name]), name
     [pair] = second["divergence"]
@@ -575,18 +577,19 @@ def test_compiled_mode_trains_the_same_batches(tmp_path, main_run):
 
 
 def test_benchmark_writes_every_figure_and_its_ratio(tmp_path):
-    """With --data-parallel 2 (local statistics, which nn.SyncBatchNorm's CPU refusal does not
-    stop): every row of one worker, and each implementation's eager step over 2 workers."""
+    """With --data-parallel 2: every row of one worker, and each implementation's eager step over
+    2 workers (PyTorch's in processes of their own). Batches of 64, as the compiled-mode run above,
+    whose compiled PyTorch graph the benchmark finds in TorchInductor's cache."""
     out = tmp_path / "out"
-    process = completed(run_compare("--bench", "--impls", "torch-builtin,flax-builtin", "--bench-batches", 2,
-                                    "--repeats", 1, "--data-parallel", 2, "--bn-stats", "local", "--no-progress",
+    process = completed(run_compare("--bench", "--impls", "torch-scratch,flax-scratch", "--batch-size", BATCH_SIZE,
+                                    "--bench-batches", 2, "--repeats", 1, "--data-parallel", 2, "--no-progress",
                                     "--device", "cpu", out=out))
     bench = json.loads((out / "bench.json").read_text())
     rows = {(row["implementation"], row["mode"]): row for row in bench["rows"]}
-    assert set(rows) == {("chapter loop (builtin)", "d2l train_ch6"), ("torch-builtin", "eager"),
-                         ("torch-builtin", "compiled"), ("flax-builtin", "eager"), ("flax-builtin", "compiled"),
-                         ("torch-builtin", "eager, 2 workers"), ("flax-builtin", "eager, 2 workers")}
-    baseline = rows[("chapter loop (builtin)", "d2l train_ch6")]["examples_per_sec"]
+    assert set(rows) == {("chapter loop (scratch)", "d2l train_ch6"), ("torch-scratch", "eager"),
+                         ("torch-scratch", "compiled"), ("flax-scratch", "eager"), ("flax-scratch", "compiled"),
+                         ("torch-scratch", "eager, 2 workers"), ("flax-scratch", "eager, 2 workers")}
+    baseline = rows[("chapter loop (scratch)", "d2l train_ch6")]["examples_per_sec"]
     for (name, mode), row in rows.items():
         assert row["examples_per_sec"] > 0 and len(row["repeats"]) == 1, (name, mode)
         assert row["ratio_to_baseline"] == pytest.approx(row["examples_per_sec"] / baseline), (name, mode)
@@ -596,8 +599,8 @@ def test_benchmark_writes_every_figure_and_its_ratio(tmp_path):
             assert row["ratio_to_one_worker"] == pytest.approx(row["examples_per_sec"] / one_worker), name
         else:
             assert "ratio_to_one_worker" not in row
-    assert bench["config"]["data_parallel"] == 2 and bench["config"]["bn_stats"] == "local"
-    assert "x chapter loop" in process.stdout and "chapter loop (builtin)" in process.stdout
+    assert bench["config"]["data_parallel"] == 2 and bench["config"]["bn_stats"] == "global"
+    assert "x chapter loop" in process.stdout and "chapter loop (scratch)" in process.stdout
     assert "x 1 worker" in process.stdout
     assert not (out / "results.json").exists()  # a benchmark is not an experiment run
 

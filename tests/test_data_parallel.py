@@ -16,25 +16,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from flax import linen, nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from common.data import shard_bounds
+from common.harness import IMPLEMENTATIONS, data_parallel_module
 from common.init import MOVING_STAT_NAMES, PARAMETER_NAMES, canonical_weights
 from common.parallel import DataParallelError, launch_local_workers
 from impls.flax import batch_norm as flax_bn
 from impls.flax import data_parallel as flax_parallel
 from impls.flax.data_parallel import AXIS
 from tests import parallel_workers
+from tests.conftest import FLOAT64_TRAJECTORY_BATCH, TRAJECTORY_STEPS
 from tests.layers import to_nchw, to_nhwc, torch_scratch
-from tests.support import build, data_parallel_trajectory, inputs, max_difference, trajectory
+from tests.support import NAMES, build, data_parallel_trajectory, inputs, max_difference, trajectory
 from tests.tolerances import FLOAT64_PASS, FLOAT64_TRAJECTORY, assert_close, magnitude
 
-# The trajectories' global batch. Smaller than the chapter's 256: XLA:CPU's float64 convolutions
-# make a JAX step at 256 cost 0.2 s, four times a step at 64, and there are 100 steps each.
-BATCH_SIZE = 64
-STEPS = 100
+# The trajectories' global batch and length: the float64 parity trajectories' (conftest.py), so
+# that one device's are those.
+BATCH_SIZE, STEPS = FLOAT64_TRAJECTORY_BATCH, TRAJECTORY_STEPS
 LOCAL_STEPS = 20  # local statistics and unequal shards: enough to drift apart measurably
 # Every moving statistic but the variance of nn.BatchNorm, which is unbiased (test_semantics.py).
 BIASED = PARAMETER_NAMES + MOVING_STAT_NAMES
@@ -51,15 +52,13 @@ def worker_processes():
 
 
 @pytest.fixture(scope="session")
-def one_device(fashion_mnist):
-    """Single-device torch-scratch trajectories, the reference: {batch size: (losses, weights per step)}."""
+def one_device(fashion_mnist, trajectories_float64):
+    """Single-device torch-scratch trajectories, the reference: {batch size: (losses, weights per
+    step)}; at BATCH_SIZE, the parity suite's own (conftest.py)."""
     train_images, train_labels, _, _ = fashion_mnist
-    weights = canonical_weights(0, np.float64)
-    references = {}
-    for batch_size, steps in ((BATCH_SIZE, STEPS), (BATCH_SIZE - 1, LOCAL_STEPS)):
-        losses, snapshots, _ = trajectory("torch-scratch", weights, train_images, train_labels, steps, batch_size)
-        references[batch_size] = losses, snapshots
-    return references
+    losses, snapshots, _ = trajectory("torch-scratch", canonical_weights(0, np.float64), train_images, train_labels,
+                                      LOCAL_STEPS, BATCH_SIZE - 1)
+    return {BATCH_SIZE: trajectories_float64["torch-scratch"][:2], BATCH_SIZE - 1: (losses, snapshots)}
 
 
 def mesh_workers(count):
@@ -68,9 +67,12 @@ def mesh_workers(count):
 
 
 MESH_RUNS = [("flax-scratch", 2, "global", STEPS), ("flax-builtin", 2, "global", STEPS),
-             ("flax-scratch", 4, "global", STEPS), ("flax-builtin", 4, "global", STEPS),
+             ("linen-scratch", 2, "global", STEPS), ("linen-builtin", 2, "global", STEPS),
+             ("flax-builtin", 4, "global", STEPS), ("flax-scratch", 4, "global", LOCAL_STEPS),
              ("flax-scratch", 2, "local", LOCAL_STEPS), ("flax-builtin", 2, "local", LOCAL_STEPS),
-             ("flax-scratch", 3, "global", LOCAL_STEPS)]  # 64 over 3: shards of 22, 21 and 21
+             ("linen-builtin", 2, "local", LOCAL_STEPS),
+             ("flax-scratch", 3, "global", LOCAL_STEPS),  # 64 over 3: shards of 22, 21 and 21
+             ("linen-scratch", 3, "global", LOCAL_STEPS)]
 
 
 @pytest.fixture(scope="session")
@@ -112,22 +114,24 @@ def assert_trajectories_agree(label_a, run_a, label_b, run_b, keys=BIASED):
 # --- global statistics: the same computation as one device -----------------------------------
 
 GLOBAL_RUNS = ["torch-scratch in 2 processes, global", "flax-scratch on 2 devices, global",
-               "flax-builtin on 2 devices, global", "flax-scratch on 4 devices, global",
+               "flax-builtin on 2 devices, global", "linen-scratch on 2 devices, global",
+               "linen-builtin on 2 devices, global", "flax-scratch on 4 devices, global",
                "flax-builtin on 4 devices, global"]
 
 
 @pytest.mark.parametrize("label", GLOBAL_RUNS)
 def test_global_statistics_train_as_one_device_on_the_whole_batch(label, worker_processes, mesh_trajectories,
                                                                   one_device):
-    """Per-step loss, parameters and moving statistics after 100 steps within 1e-9 of one device's,
-    on the same global batches."""
+    """Per-step loss, parameters and moving statistics after 100 steps (flax-scratch on four
+    devices: 20) within 1e-9 of one device's, on the same global batches."""
     run = all_trajectories(worker_processes, mesh_trajectories)[label]
-    assert len(run[0]) == STEPS
+    assert len(run[0]) == (LOCAL_STEPS if label == "flax-scratch on 4 devices, global" else STEPS)
     assert_trajectories_agree(label, run, "one device", one_device[BATCH_SIZE])
 
 
 @pytest.mark.parametrize("label, batch_size", [("torch-scratch in 2 processes, global, batch 63", BATCH_SIZE - 1),
-                                               ("flax-scratch on 3 devices, global", BATCH_SIZE)])
+                                               ("flax-scratch on 3 devices, global", BATCH_SIZE),
+                                               ("linen-scratch on 3 devices, global", BATCH_SIZE)])
 def test_shards_of_unequal_size_weigh_what_they_hold(label, batch_size, worker_processes, mesh_trajectories,
                                                      one_device):
     """63 over 2 workers (32 + 31), 64 over 3 (22 + 21 + 21; JAX pads the shorter shards and masks
@@ -140,7 +144,8 @@ def test_shards_of_unequal_size_weigh_what_they_hold(label, batch_size, worker_p
 
 def test_pytorch_and_flax_agree_under_global_statistics(worker_processes, mesh_trajectories):
     runs = all_trajectories(worker_processes, mesh_trajectories)
-    for other in ("flax-scratch on 2 devices, global", "flax-builtin on 2 devices, global"):
+    for other in ("flax-scratch on 2 devices, global", "flax-builtin on 2 devices, global",
+                  "linen-scratch on 2 devices, global", "linen-builtin on 2 devices, global"):
         assert_trajectories_agree("torch-scratch in 2 processes, global", runs["torch-scratch in 2 processes, global"],
                                   other, runs[other])
 
@@ -158,9 +163,10 @@ def test_pytorch_and_flax_agree_under_local_statistics(worker_processes, mesh_tr
     runs = all_trajectories(worker_processes, mesh_trajectories)
     assert_trajectories_agree("torch-scratch in 2 processes, local", runs["torch-scratch in 2 processes, local"],
                               "flax-scratch on 2 devices, local", runs["flax-scratch on 2 devices, local"])
-    assert_trajectories_agree("torch-builtin in 2 processes, local", runs["torch-builtin in 2 processes, local"],
-                              "flax-builtin on 2 devices, local", runs["flax-builtin on 2 devices, local"],
-                              keys=PARAMETER_NAMES + tuple(key for key in MOVING_STAT_NAMES if "mean" in key))
+    for flax_builtin in ("flax-builtin on 2 devices, local", "linen-builtin on 2 devices, local"):
+        assert_trajectories_agree("torch-builtin in 2 processes, local", runs["torch-builtin in 2 processes, local"],
+                                  flax_builtin, runs[flax_builtin],
+                                  keys=PARAMETER_NAMES + tuple(key for key in MOVING_STAT_NAMES if "mean" in key))
 
 
 def test_local_statistics_train_measurably_otherwise(worker_processes, mesh_trajectories):
@@ -182,19 +188,25 @@ def single_device_logits(name, images):
 def mesh_logits(name, images, count, bn_stats):
     """Training-mode logits of every worker's shard under shard_map, its model built for bn_stats."""
     workers = mesh_workers(count)
-    model = flax_parallel.build_lenet(canonical_weights(0, np.float64), name.split("-")[1], workers, bn_stats)
-    model.train()
-    graphdef, state = nnx.split(model)
+    framework, norm = IMPLEMENTATIONS[name]
+    model = data_parallel_module(framework).build_lenet(canonical_weights(0, np.float64), norm, workers, bn_stats)
+    if framework == "flax":
+        model.train()
+        graphdef, state = nnx.split(model)
+
+        def worker_logits(state, X):
+            return nnx.merge(graphdef, state)(X)
+    else:
+        state = model.variables
+
+        def worker_logits(variables, X):
+            return model.module.apply(variables, X, train=True, mutable=["batch_stats"])[0]
     state = jax.device_put(state, NamedSharding(workers.mesh, P()))  # replicated: every worker's model
-
-    def worker_logits(state, X):
-        return nnx.merge(graphdef, state)(X)
-
     logits = jax.jit(jax.shard_map(worker_logits, mesh=workers.mesh, in_specs=(P(), P(AXIS)), out_specs=P(AXIS)))
     return np.asarray(logits(state, jnp.asarray(to_nhwc(np.asarray(images, np.float64)))))
 
 
-@pytest.mark.parametrize("name", ["torch-scratch", "torch-builtin", "flax-scratch", "flax-builtin"])
+@pytest.mark.parametrize("name", NAMES)
 def test_local_statistics_are_each_shards_own(name, worker_processes, fashion_mnist):
     """A model left as it is normalises each worker's shard with that shard's statistics: under
     DistributedDataParallel (PyTorch) and under shard_map (JAX). Exactly one device's batch norm on
@@ -215,7 +227,7 @@ def test_local_statistics_are_each_shards_own(name, worker_processes, fashion_mn
 
 def test_flax_global_statistics_logits_are_the_whole_batch_s(fashion_mnist):
     images = fashion_mnist[0][:BATCH_SIZE]
-    for name in ("flax-scratch", "flax-builtin"):
+    for name in ("flax-scratch", "flax-builtin", "linen-scratch", "linen-builtin"):
         assert_close("logits", f"{name}, global statistics over 4 workers", mesh_logits(name, images, 4, "global"),
                      "one device", single_device_logits(name, images), FLOAT64_PASS)
 
@@ -243,7 +255,8 @@ def unpadded(array, count, length):
 
 
 def flax_layer_over_mesh(kind, X, cotangent, gamma, beta, count, axis_name=AXIS):
-    """The scratch batch_norm, or nnx.BatchNorm, on every worker's (padded) shard under shard_map:
+    """The scratch batch_norm ('scratch'), nnx.BatchNorm ('nnx') or linen.BatchNorm ('linen'), on
+    every worker's (padded) shard under shard_map:
     (Y, {X, gamma, beta: gradient of sum(Y * cotangent)}, each worker's moving mean and variance).
     NCHW in and out."""
     X_rows, mask = padded(to_nhwc(X), count)
@@ -258,6 +271,13 @@ def flax_layer_over_mesh(kind, X, cotangent, gamma, beta, count, axis_name=AXIS)
                 Y, mean, var = flax_bn.batch_norm(X, gamma, beta, zeros, ones, flax_bn.EPS, flax_bn.MOMENTUM, True,
                                                   axis_name=axis_name, mask=where)
                 return jnp.sum(Y * cotangent), (Y, mean, var)
+        elif kind == "linen":
+            def loss(X, gamma, beta):
+                layer = linen.BatchNorm(momentum=flax_bn.MOMENTUM, epsilon=flax_bn.EPS, use_fast_variance=False,
+                                        axis_name=axis_name, dtype=X.dtype, param_dtype=X.dtype)
+                variables = {"params": {"scale": gamma, "bias": beta}, "batch_stats": {"mean": zeros, "var": ones}}
+                Y, changed = layer.apply(variables, X, use_running_average=False, mask=where, mutable=["batch_stats"])
+                return jnp.sum(Y * cotangent), (Y, changed["batch_stats"]["mean"], changed["batch_stats"]["var"])
         else:
             def loss(X, gamma, beta):
                 layer = nnx.BatchNorm(features, momentum=flax_bn.MOMENTUM, epsilon=flax_bn.EPS,
@@ -324,21 +344,24 @@ def test_flax_scratch_layer_over_workers_is_one_device_on_the_whole_batch(shape_
                         X, cotangent, gamma, beta)
 
 
+@pytest.mark.parametrize("api", ["nnx", "linen"])
 @pytest.mark.parametrize("count", [2, 4])
-def test_nnx_batch_norm_over_equal_shards_is_one_device_on_the_whole_batch(count):
+def test_flax_batch_norm_over_equal_shards_is_one_device_on_the_whole_batch(count, api):
     X, cotangent, gamma, beta = parallel_workers.layer_inputs((8, 3, 5, 5))
-    assert_layer_agrees(f"nnx.BatchNorm(axis_name) over {count} devices",
-                        *flax_layer_over_mesh("builtin", X, cotangent, gamma, beta, count), X, cotangent, gamma, beta)
+    assert_layer_agrees(f"{api}.BatchNorm(axis_name) over {count} devices",
+                        *flax_layer_over_mesh(api, X, cotangent, gamma, beta, count), X, cotangent, gamma, beta)
 
 
-def test_nnx_batch_norm_averages_the_workers_means_unweighted():
-    """google/flax#2417: nnx.BatchNorm(axis_name=...) takes lax.pmean of each worker's mean, so a
-    shard of 3 rows weighs as much as one of 4. The scratch layer sums and counts instead."""
+@pytest.mark.parametrize("api", ["nnx", "linen"])
+def test_flax_batch_norm_averages_the_workers_means_unweighted(api):
+    """google/flax#2417: nnx.BatchNorm(axis_name=...) and linen.BatchNorm(axis_name=...) take
+    lax.pmean of each worker's mean, so a shard of 3 rows weighs as much as one of 4. The scratch
+    layer sums and counts instead."""
     X, cotangent, gamma, beta = parallel_workers.layer_inputs(parallel_workers.LAYER_BATCHES["4-D"])
     (first, second), axes = shard_bounds(len(X), 2), (0, 2, 3)
     assert (first[1] - first[0], second[1] - second[0]) == (4, 3)
     unweighted_mean = (X[slice(*first)].mean(axis=axes) + X[slice(*second)].mean(axis=axes)) / 2
-    _, _, builtin_means, _ = flax_layer_over_mesh("builtin", X, cotangent, gamma, beta, 2)
+    _, _, builtin_means, _ = flax_layer_over_mesh(api, X, cotangent, gamma, beta, 2)
     _, _, scratch_means, _ = flax_layer_over_mesh("scratch", X, cotangent, gamma, beta, 2)
     # From 0, one update with momentum 0.9: the moving mean is a tenth of the batch mean.
     np.testing.assert_allclose(builtin_means[0], 0.1 * unweighted_mean, rtol=1e-12)

@@ -8,12 +8,13 @@ import re
 import subprocess
 import sys
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from flax import nnx
+from flax import linen, nnx
 
 from common.init import BATCH_NORM_LAYERS, canonical_weights
 from impls.flax import batch_norm as flax_bn
@@ -21,7 +22,7 @@ from impls.flax import lenet as flax_lenet
 from impls.flax import train as flax_train
 from impls.pytorch import batch_norm as torch_bn
 from impls.pytorch import train as torch_train
-from tests.conftest import TRAJECTORY_STEPS
+from tests.conftest import FLOAT64_TRAJECTORY_BATCH, TRAJECTORY_STEPS
 from tests.layers import LAYERS, numpy_batch_norm, to_nhwc
 from tests.support import build, inputs
 from tests.tolerances import FLOAT64_PASS, FLOAT64_TRAJECTORY, assert_close
@@ -48,7 +49,7 @@ def test_the_chapter_momentum_weighs_the_old_statistics():
     assert torch_bn.MOMENTUM == flax_bn.MOMENTUM == 0.9
     assert torch_bn.EPS == flax_bn.EPS == 1e-5
     mean, var, _ = batch_statistics(BATCH_2D)
-    for name in ("torch-scratch", "flax-scratch", "flax-builtin"):
+    for name in ("torch-scratch", "flax-scratch", "flax-builtin", "linen-scratch", "linen-builtin"):
         moving_mean, moving_var = moving_stats_after_one_update(name, BATCH_2D)
         # From (0, 1): moving = 0.9 * old + 0.1 * batch.
         np.testing.assert_allclose(moving_mean, 0.1 * mean, rtol=1e-12, err_msg=name)
@@ -80,6 +81,20 @@ def test_flax_momentum_weighs_the_old_statistics_with_default_0_99():
         assert (bn.momentum, bn.epsilon, bn.use_fast_variance) == (flax_bn.MOMENTUM, flax_bn.EPS, False)
 
 
+def test_linen_momentum_weighs_the_old_statistics_with_default_0_99():
+    mean, _, _ = batch_statistics(BATCH_2D)
+    layer = linen.BatchNorm(momentum=0.25, use_fast_variance=False, param_dtype=jnp.float64)
+    variables = {"params": {"scale": jnp.ones(5), "bias": jnp.zeros(5)},
+                 "batch_stats": {"mean": jnp.zeros(5), "var": jnp.ones(5)}}
+    _, changed = layer.apply(variables, jnp.asarray(BATCH_2D), use_running_average=False, mutable=["batch_stats"])
+    np.testing.assert_allclose(np.asarray(changed["batch_stats"]["mean"]), 0.75 * mean, rtol=1e-12)
+    assert linen.BatchNorm().momentum == 0.99
+    model = build("linen-builtin", canonical_weights(0))[1]
+    for layer in BATCH_NORM_LAYERS:
+        bn = getattr(model.module.bind(model.variables), layer)
+        assert (bn.momentum, bn.epsilon, bn.use_fast_variance) == (flax_bn.MOMENTUM, flax_bn.EPS, False)
+
+
 # --- PyTorch's unbiased running variance --------------------------------------------------------
 
 @pytest.mark.parametrize("X", [BATCH_2D, BATCH_4D], ids=["2-D", "4-D"])
@@ -94,12 +109,13 @@ def test_pytorch_running_variance_is_unbiased_by_exactly_n_over_n_minus_1(X):
 def test_n_over_n_minus_1_relation_holds_after_training(trajectories_float64):
     """After K steps from variance 1: torch-builtin's (var - 0.9^K) is n/(n-1) times the others'.
 
-    n is the number of values per channel in a batch: 256*24*24 for bn1, 256*8*8 for bn2,
-    256 for bn3 and bn4 (every step of the trajectory has a full batch of 256)."""
+    n is the number of values per channel in a batch of B: B*24*24 for bn1, B*8*8 for bn2, B for
+    bn3 and bn4 (every step of the trajectory has a full batch)."""
     decay = 0.9 ** TRAJECTORY_STEPS
-    values_per_channel = {"bn1": 256 * 24 * 24, "bn2": 256 * 8 * 8, "bn3": 256, "bn4": 256}
+    batch = FLOAT64_TRAJECTORY_BATCH
+    values_per_channel = {"bn1": batch * 24 * 24, "bn2": batch * 8 * 8, "bn3": batch, "bn4": batch}
     unbiased = trajectories_float64["torch-builtin"][1][-1]
-    for name in ("torch-scratch", "flax-scratch", "flax-builtin"):
+    for name in ("torch-scratch", "flax-scratch", "flax-builtin", "linen-scratch", "linen-builtin"):
         biased = trajectories_float64[name][1][-1]
         for layer, n in values_per_channel.items():
             ratio = (unbiased[f"{layer}.moving_var"] - decay) / (biased[f"{layer}.moving_var"] - decay)
@@ -196,7 +212,8 @@ def test_nhwc_channel_statistics_gather_over_batch_and_space():
 
 # --- training versus inference ---------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["torch-scratch", "torch-builtin", "flax-scratch", "flax-builtin"])
+@pytest.mark.parametrize("name", ["torch-scratch", "torch-builtin", "flax-scratch", "flax-builtin", "linen-scratch",
+                                  "linen-builtin"])
 def test_train_and_eval_switch_the_statistics(name, first_batch):
     """train(): batch statistics, so an example's output depends on its batch mates.
     eval(): moving statistics, so it does not; and eval() leaves the moving statistics alone."""
@@ -226,16 +243,20 @@ def test_pytorch_scratch_layer_follows_train_mode_not_grad_mode():
 # --- defaults this project overrides ---------------------------------------------------------
 
 def test_default_initialisations_differ_and_are_overridden():
-    """PyTorch: kaiming-uniform(a=sqrt 5), i.e. U(+-1/sqrt(fan_in)); Flax: lecun-normal,
-    std 1/sqrt(fan_in), unbounded. build_lenet replaces both with the canonical weights."""
+    """PyTorch: kaiming-uniform(a=sqrt 5), i.e. U(+-1/sqrt(fan_in)); Flax, NNX and Linen alike:
+    lecun-normal, std 1/sqrt(fan_in), unbounded. build_lenet replaces them with the canonical weights."""
     torch_weight = torch.nn.Linear(256, 120).weight.detach().numpy()
-    flax_kernel = np.asarray(nnx.Linear(256, 120, rngs=nnx.Rngs(0)).kernel[...])
+    flax_kernels = {"nnx": np.asarray(nnx.Linear(256, 120, rngs=nnx.Rngs(0)).kernel[...]),
+                    "linen": np.asarray(linen.Dense(120).init(jax.random.key(0), jnp.ones((1, 256)))["params"]["kernel"])}
     assert np.max(np.abs(torch_weight)) <= 1 / 16
-    assert np.max(np.abs(flax_kernel)) > 1 / 16  # a normal's tails pass the uniform's bound
-    assert abs(flax_kernel.std() - 1 / 16) < 0.1 / 16
+    for kernel in flax_kernels.values():
+        assert kernel.shape == (256, 120)
+        assert np.max(np.abs(kernel)) > 1 / 16  # a normal's tails pass the uniform's bound
+        assert abs(kernel.std() - 1 / 16) < 0.1 / 16
     weights = canonical_weights(0)
-    exported = build("flax-builtin", weights)[0].export_weights(build("flax-builtin", weights)[1])
-    np.testing.assert_array_equal(exported["fc1.weight"], weights["fc1.weight"])
+    for name in ("flax-builtin", "linen-builtin"):
+        module, model, _ = build(name, weights)
+        np.testing.assert_array_equal(module.export_weights(model)["fc1.weight"], weights["fc1.weight"])
 
 
 def test_flax_builtin_keeps_running_statistics_in_float32_whatever_param_dtype():
@@ -244,6 +265,34 @@ def test_flax_builtin_keeps_running_statistics_in_float32_whatever_param_dtype()
     assert layer.scale[...].dtype == jnp.float64 and layer.mean[...].dtype == jnp.float32
     model = build("flax-builtin", canonical_weights(0, np.float64))[1]
     assert model.bn1.mean[...].dtype == jnp.float64
+
+
+def test_linen_builtin_creates_running_statistics_in_float32_unless_told_otherwise():
+    """linen.BatchNorm's init makes mean and var float32 whatever param_dtype says, unless
+    force_float32_reductions=False; build_lenet brings the run's own (float64 here)."""
+    example = jnp.ones((2, 4), jnp.float64)
+    variables = linen.BatchNorm(param_dtype=jnp.float64, dtype=jnp.float64).init(jax.random.key(0), example,
+                                                                               use_running_average=False)
+    assert variables["params"]["scale"].dtype == jnp.float64 and variables["batch_stats"]["mean"].dtype == jnp.float32
+    variables = linen.BatchNorm(param_dtype=jnp.float64, force_float32_reductions=False).init(
+        jax.random.key(0), example, use_running_average=False)
+    assert variables["batch_stats"]["mean"].dtype == jnp.float64
+    model = build("linen-builtin", canonical_weights(0, np.float64))[1]
+    assert model.variables["batch_stats"]["bn1"]["mean"].dtype == jnp.float64
+
+
+@pytest.mark.parametrize("name", ["linen-scratch", "linen-builtin"])
+def test_linen_training_needs_batch_stats_marked_mutable(name, first_batch):
+    """Linen's training mode writes the moving statistics into the 'batch_stats' collection, which
+    apply() refuses unless told it is mutable; inference reads them and needs nothing."""
+    images, labels = first_batch
+    module, model, device = build(name, canonical_weights(0, np.float64))
+    X, _ = inputs(module, device, images, labels, np.float64)
+    with pytest.raises(flax.errors.ModifyScopeVariableError, match="batch_stats"):
+        model.module.apply(model.variables, X, train=True)
+    logits = model.module.apply(model.variables, X, train=False)
+    np.testing.assert_array_equal(np.asarray(logits), np.asarray(
+        model.module.apply(model.variables, X, train=False, mutable=["batch_stats"])[0]))
 
 
 def test_reference_matches_pytorch_semantics_table():

@@ -1,5 +1,6 @@
-"""Trajectory: 100 SGD steps with the chapter's settings (lr 1.0, batch 256, the shared batch
-order) in all four implementations; per-step loss, parameters and moving statistics compared."""
+"""Trajectory: 100 SGD steps at the chapter's lr 1.0 on the shared batch order, in all six
+implementations (float32: the chapter's batches of 256; float64: batches of 64, see conftest.py);
+per-step loss, parameters and moving statistics compared."""
 
 import itertools
 

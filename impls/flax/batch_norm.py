@@ -67,7 +67,7 @@ def check_input(X, num_features, num_dims, training):
         raise ValueError(f"BatchNorm has {num_features} features, input has {X.shape[-1]} (shape {tuple(X.shape)})")
     if training and X.size // num_features == 1:
         # One value per channel has no variance to normalise by; PyTorch's built-in raises
-        # here, and all four implementations follow it (see tests/test_models.py).
+        # here, and all six implementations follow it (see tests/test_models.py).
         raise ValueError(f"BatchNorm in training needs more than one value per channel, got shape {tuple(X.shape)}")
 
 

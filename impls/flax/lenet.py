@@ -31,8 +31,8 @@ def make_batch_norm(norm, num_features, num_dims, dtype, axis_name=None):
 def check_batch(X, training):
     """One example cannot be normalised over the batch: its features have no variance.
 
-    PyTorch's nn.BatchNorm1d raises; nnx.BatchNorm and the scratch code would divide by
-    sqrt(0 + eps) without a word. All four implementations raise, here, with one message.
+    PyTorch's nn.BatchNorm1d raises; Flax's built-ins and the scratch code would divide by
+    sqrt(0 + eps) without a word. All six implementations raise, here, with one message.
     """
     if training and X.shape[0] < 2:
         raise ValueError(f"training needs at least 2 examples per batch for batch norm, got shape {tuple(X.shape)}")
