@@ -120,7 +120,9 @@ def build_lenet(weights, norm="scratch", device=None, axis_name=None):
     """A LeNet holding the canonical weights, in their dtype, on `device` (default: JAX's); with a
     mesh axis, its batch norm normalises over the batches of all the axis' workers together."""
     dtype = weights["conv1.weight"].dtype
-    model = LeNet(norm, dtype=dtype, axis_name=axis_name)
+    # The model's structure alone (nnx.eval_shape): the random initial values that Flax's layers
+    # would compute, each initialiser a small compiled program, are replaced by the canonical ones.
+    model = nnx.eval_shape(lambda: LeNet(norm, dtype=dtype, axis_name=axis_name))
     for key in WEIGHT_NAMES:
         value = np.ascontiguousarray(to_flax_layout(key, weights[key]))
         # set_value replaces the array, dtype included: nnx.BatchNorm creates its running
