@@ -171,9 +171,15 @@ def plot_divergence(results, out):
     figure, axes = plt.subplots(1, 2, figsize=(13, 4.5), constrained_layout=True)
     for axis, key, title in ((axes[0], "max_abs_param_diff", "parameters"),
                              (axes[1], "max_abs_test_logit_diff", "test-set logits (inference mode)")):
-        for entry in results["divergence"]:
+        # Six implementations make 15 pairs: 20 colours, so that no two pairs share a line's look.
+        colours = plt.get_cmap("tab20").colors
+        for index, entry in enumerate(results["divergence"]):
             values = [max(value, LOG_FLOOR) for value in entry[key]]
-            axis.plot(range(1, len(values) + 1), values, marker="o", label=" vs ".join(entry["pair"]))
+            axis.plot(range(1, len(values) + 1), values, marker="o", color=colours[index % len(colours)],
+                      label=" vs ".join(entry["pair"]))
+        if any(value == 0 for entry in results["divergence"] for value in entry[key]):
+            axis.annotate(f"exactly equal (0), drawn at {LOG_FLOOR:.0e}", (0.01, LOG_FLOOR),
+                          xycoords=("axes fraction", "data"), xytext=(0, 6), textcoords="offset points", fontsize=8)
         axis.set_yscale("log")
         axis.set_title(f"max abs difference: {title}")
         axis.set_xlabel("epoch")
