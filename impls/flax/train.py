@@ -169,24 +169,33 @@ class FastTrainer:
     device-resident data, with the state donated and NNX kept out of the loop.
     """
 
+    # The compiled epoch and step; Linen's trainer (impls/linen/train.py) brings its own.
+    train_on_batches, train_on_batch = staticmethod(train_on_batches), staticmethod(train_on_batch)
+
     def __init__(self, model, optimizer, images, labels, use_scan=None):
         self.model, self.optimizer, self.images, self.labels = model, optimizer, images, labels
         self.use_scan = next(iter(images.devices())).platform != "cpu" if use_scan is None else use_scan
-        # NNX's graph bookkeeping happens here, once, instead of at every step.
-        self.graphdef, self.state = nnx.split((model, optimizer))
+        self.static_arguments, self.state = self.split(model, optimizer)
         self.executables = {}  # shape of the batch indices -> compiled scan or step
+
+    def split(self, model, optimizer):
+        """(the compiled functions' static arguments, the state they train). NNX's graph
+        bookkeeping happens here, once, instead of at every step."""
+        graphdef, state = nnx.split((model, optimizer))
+        return (graphdef,), state
 
     def train(self, batch_indices):
         """Train on batches of equal size (steps, batch); returns (summed losses, correct counts,
         seconds spent compiling, examples trained while compiling)."""
         batch_indices = jax.device_put(batch_indices.astype(np.int32), self.images.sharding)
-        function, arguments = (train_on_batches, batch_indices) if self.use_scan else (train_on_batch, batch_indices[0])
+        function, arguments = ((self.train_on_batches, batch_indices) if self.use_scan
+                               else (self.train_on_batch, batch_indices[0]))
         compile_seconds = 0.0
         if arguments.shape not in self.executables:
             # Compiled ahead of time, apart from the run: no example is trained while compiling.
             start = time.perf_counter()
             self.executables[arguments.shape] = function.lower(
-                self.graphdef, self.state, self.images, self.labels, arguments).compile()
+                *self.static_arguments, self.state, self.images, self.labels, arguments).compile()
             compile_seconds = time.perf_counter() - start
         executable = self.executables[arguments.shape]
         if self.use_scan:

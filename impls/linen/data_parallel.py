@@ -16,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 from impls.flax.data_parallel import (AXIS, ENGINE, MeshTrainer, Workers, start_workers, stop_workers,  # noqa: F401 (shared)
                                       use_host_devices)
 from impls.linen import lenet
+from impls.linen.train import keep_state, state_for_step
 
 
 def build_lenet(weights, norm, workers, bn_stats):
@@ -79,7 +80,7 @@ class DataParallelTrainer(MeshTrainer):
         # differ, so each worker keeps its own, stacked along the mesh axis.
         self.own_statistics = model.module.axis_name is None
         model.train()
-        state = optimizer.state.replace(params=model.variables["params"], batch_stats=model.variables["batch_stats"])
+        state = state_for_step(model, optimizer)
         replicated = partial(self.global_array, sharding=self.replicated)
         self.state = state.replace(
             step=replicated(state.step), params=jax.tree.map(replicated, state.params),
@@ -105,5 +106,4 @@ class DataParallelTrainer(MeshTrainer):
             step=self.worker_0(self.state.step), params=jax.tree.map(self.worker_0, self.state.params),
             opt_state=jax.tree.map(self.worker_0, self.state.opt_state),
             batch_stats=jax.tree.map(partial(self.worker_0, stacked=self.own_statistics), self.state.batch_stats))
-        self.optimizer.state = state
-        self.model.variables = {"params": state.params, "batch_stats": state.batch_stats}
+        keep_state(self.model, self.optimizer, state)

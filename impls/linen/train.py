@@ -7,20 +7,18 @@ bound_train_step, predict, loss_and_gradients, synchronize, to_numpy, export_wei
 runs on JAX as NNX does: devices, precision and transfers are the NNX edition's functions.
 """
 
-import time
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import optax
 from flax.training import train_state
 
 from common.init import PARAMETER_NAMES
 from impls.flax.train import (LAYOUT, allow_tf32, device_description, put_dataset, select_device,  # noqa: F401 (interface)
                               to_device, to_numpy)
+from impls.flax import train as flax_train
 from impls.linen.lenet import Model, build_lenet, export_weights  # noqa: F401 (interface)
 
 FRAMEWORK = "linen"
@@ -80,13 +78,23 @@ def sgd_step(state, images, labels):
 jitted_sgd_step = jax.jit(sgd_step)
 
 
+def state_for_step(model, optimizer):
+    """The train state a step takes: the optimizer's, carrying the model's variables, which are
+    the truth (an evaluation in training mode may have moved its statistics, as in the other
+    frameworks)."""
+    return optimizer.state.replace(params=model.variables["params"], batch_stats=model.variables["batch_stats"])
+
+
+def keep_state(model, optimizer, state):
+    """A step's new train state: the optimizer keeps it, the model its variables."""
+    optimizer.state = state
+    model.variables = {"params": state.params, "batch_stats": state.batch_stats}
+
+
 def train_step(model, optimizer, images, labels):
     """One SGD step in training mode. Returns (summed loss, number correct) as device scalars."""
-    # The model's variables are the truth (an evaluation in training mode may have moved its
-    # statistics, as in the other frameworks); the train state carries them into the step.
-    state = optimizer.state.replace(params=model.variables["params"], batch_stats=model.variables["batch_stats"])
-    optimizer.state, loss_sum, correct = jitted_sgd_step(state, images, labels)
-    model.variables = {"params": optimizer.state.params, "batch_stats": optimizer.state.batch_stats}
+    state, loss_sum, correct = jitted_sgd_step(state_for_step(model, optimizer), images, labels)
+    keep_state(model, optimizer, state)
     return loss_sum, correct
 
 
@@ -160,45 +168,17 @@ def train_on_batch(state, images, labels, indices):
     return functional_train_step(state, images, labels, indices)
 
 
-class FastTrainer:
+class FastTrainer(flax_train.FastTrainer):
     """An epoch as one jitted scan over the full batches, and one more call for a partial last
-    batch (another shape, so another compilation, made once). On the CPU, a compiled step per
-    batch instead: XLA:CPU runs a scan's loop body many times slower (see the NNX twin)."""
+    batch; on the CPU, a compiled step per batch (see the NNX twin, whose epoch loop this is).
+    What Linen changes: its compiled functions, and the train state they take as it is."""
 
-    def __init__(self, model, optimizer, images, labels, use_scan=None):
-        self.model, self.optimizer, self.images, self.labels = model, optimizer, images, labels
-        self.use_scan = next(iter(images.devices())).platform != "cpu" if use_scan is None else use_scan
-        # The train state is already what the compiled step takes: no object graph to split.
-        self.state = optimizer.state.replace(params=model.variables["params"],
-                                             batch_stats=model.variables["batch_stats"])
-        self.executables = {}  # shape of the batch indices -> compiled scan or step
+    train_on_batches, train_on_batch = staticmethod(train_on_batches), staticmethod(train_on_batch)
 
-    def train(self, batch_indices):
-        """Train on batches of equal size (steps, batch); returns (summed losses, correct counts,
-        seconds spent compiling, examples trained while compiling)."""
-        batch_indices = jax.device_put(batch_indices.astype(np.int32), self.images.sharding)
-        function, arguments = (train_on_batches, batch_indices) if self.use_scan else (train_on_batch, batch_indices[0])
-        compile_seconds = 0.0
-        if arguments.shape not in self.executables:
-            # Compiled ahead of time, apart from the run: no example is trained while compiling.
-            start = time.perf_counter()
-            self.executables[arguments.shape] = function.lower(self.state, self.images, self.labels, arguments).compile()
-            compile_seconds = time.perf_counter() - start
-        executable = self.executables[arguments.shape]
-        if self.use_scan:
-            self.state, (loss_sums, corrects) = executable(self.state, self.images, self.labels, batch_indices)
-            return loss_sums, corrects, compile_seconds, 0
-        loss_sums, corrects = [], []
-        for indices in batch_indices:
-            self.state, loss_sum, correct = executable(self.state, self.images, self.labels, indices)
-            loss_sums.append(loss_sum)
-            corrects.append(correct)
-        return jnp.stack(loss_sums), jnp.stack(corrects), compile_seconds, 0
-
-    def synchronize(self):
-        jax.block_until_ready(self.state)
+    def split(self, model, optimizer):
+        """(no static arguments, the train state): no object graph to split."""
+        return (), state_for_step(model, optimizer)
 
     def finish(self):
         """Hand the trained state back to the model and optimizer (for evaluation and export)."""
-        self.optimizer.state = self.state
-        self.model.variables = {"params": self.state.params, "batch_stats": self.state.batch_stats}
+        keep_state(self.model, self.optimizer, self.state)
