@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from common import report
+from common import page, report
 from common.data import DataError, load_fashion_mnist, shard_bounds
 from common.harness import (IMPLEMENTATIONS, MODES, data_parallel_module, parse_implementations, run_implementation,
                             select_devices)
@@ -102,10 +102,13 @@ def parse_args(argv=None):
                              "$FASHION_MNIST_DIR, /usr/share/datasets/fashion-mnist, the user cache, "
                              "then download")
     parser.add_argument("--out", default=None,
-                        help="folder for results.json and plots (default: a new folder under runs/)")
+                        help="folder for results.json, plots and report.html (default: a new folder under runs/)")
     parser.add_argument("--max-batches", type=positive_int, default=None,
                         help="train on at most N batches per epoch (for quick runs)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--side-by-side", action="store_true",
+                        help="write report.html's source view alone into --out (the mirrored implementations "
+                             "side by side, linked to the README's table of differences), without training")
     parallel = parser.add_argument_group("data parallel")
     parallel.add_argument("--data-parallel", type=positive_int, default=argparse.SUPPRESS, metavar="N",
                           help="workers sharing each batch: PyTorch in N processes (torch.distributed, "
@@ -235,6 +238,9 @@ def stop_workers(workers):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.side_by_side:
+        print(f"wrote {page.write(args.out)}")
+        return 0
     launch = launch_environment()
     reports = launch is None or launch.rank == 0  # under torchrun, worker 0 reports
     dtype = np.dtype(args.dtype)
@@ -260,12 +266,13 @@ def main(argv=None):
     reasons = {name: reason for name, reason in reasons.items() if reason}
     if args.bench:
         from common import bench  # noqa: PLC0415 (torchvision is imported only for the benchmark)
+        page.remove_stale(args.out)  # an earlier run's page must not pass for this benchmark's
         try:
             results = bench.benchmark(args, canonical_weights(args.seed, np.float32), data, devices, workers, reasons)
         except DataParallelError as error:
             sys.exit(f"error: {error}")
         bench.print_table(results)
-        print(f"\nwrote {bench.write(results, args.out)}")
+        print(f"\nwrote {bench.write(results, args.out)}, {page.write(args.out, bench=results)}")
         return 0
     if reports:
         report.remove_stale_results(args.out)

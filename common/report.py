@@ -11,11 +11,13 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
+from common import page  # noqa: E402
 from common.harness import framework_module  # noqa: E402
 
 RESULTS = "results.json"
 CURVES = "curves"          # .png and .svg
 DIVERGENCE = "divergence"  # .png and .svg
+PAGE = page.PAGE           # report.html: the source side by side and these results
 # Where a difference is exactly 0, a log-scale plot shows it at this floor instead.
 LOG_FLOOR = 1e-17
 
@@ -76,7 +78,8 @@ def format_vector(values):
     return "[" + ", ".join(f"{value:.4f}" for value in values) + "]"
 
 
-def summary_table(results):
+def summary_rows(results):
+    """The summary table's header and rows, as text cells (the console's table and report.html's)."""
     header = ("implementation", "loss", "train acc", "test acc", "examples/sec", "compile s", "wall s", "device")
     rows = []
     for name, run in results["runs"].items():
@@ -94,6 +97,11 @@ def summary_table(results):
             f"{run['wall_seconds']:.1f}",
             run["device"] + (f"  DIVERGED at step {run['diverged_at_step']}" if run["diverged_at_step"] else ""),
         ))
+    return header, rows
+
+
+def summary_table(results):
+    header, rows = summary_rows(results)
     widths = [max(len(str(row[i])) for row in (header, *rows)) for i in range(len(header))]
     lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip()
              for row in (header, *rows)]
@@ -103,7 +111,7 @@ def summary_table(results):
 
 def remove_stale_results(out):
     """An earlier run's results.json and plots in `out` must not pass for this run's if it is interrupted."""
-    for name in (RESULTS, *(stem + suffix for stem in (CURVES, DIVERGENCE) for suffix in (".png", ".svg"))):
+    for name in (RESULTS, PAGE, *(stem + suffix for stem in (CURVES, DIVERGENCE) for suffix in (".png", ".svg"))):
         path = os.path.join(out, name)
         if os.path.exists(path):
             os.remove(path)
@@ -121,8 +129,10 @@ def finite_or_none(value):
 
 
 def write_all(results, out):
-    """Plots first, results.json last and atomically: its presence means the run completed."""
+    """Plots first, then report.html, results.json last and atomically: its presence means the run
+    completed."""
     paths = plot_curves(results, out) + plot_divergence(results, out)
+    paths.append(page.write(out, results=results))
     path = os.path.join(out, RESULTS)
     temporary = path + ".partial"
     with open(temporary, "w") as file:

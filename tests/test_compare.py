@@ -12,6 +12,7 @@ All training runs pass --device cpu (except the diverging one, which exercises t
 so that the numbers and the "on cpu" lines hold on a machine with a GPU too.
 """
 
+import ast
 import itertools
 import json
 import math
@@ -31,12 +32,15 @@ import matplotlib.image
 import numpy as np
 import pytest
 
+from common import page
+from tests.browser import open_page, start_chromium
+
 REPO = Path(__file__).resolve().parent.parent
 IMPLS = ["torch-scratch", "torch-builtin", "flax-scratch", "flax-builtin", "linen-scratch", "linen-builtin"]
 PAIRS = [list(pair) for pair in itertools.combinations(IMPLS, 2)]
 FLAGS = ["--epochs", "--batch-size", "--lr", "--seed", "--impls", "--dtype", "--device", "--data-dir",
          "--out", "--max-batches", "--no-progress", "--mode", "--tf32", "--bench", "--data-parallel", "--bn-stats",
-         "--worker-timeout"]
+         "--worker-timeout", "--side-by-side"]
 TIMING_FIELDS = {"examples_per_sec", "compile_seconds", "wall_seconds", "train_seconds"}
 RUN_TIMEOUT_S = 300  # generous: a tiny run takes about 15 s on a 2-core CPU
 # PyTorch's OpenMP threads spin-wait: with a second busy process on a 2-core machine (another test
@@ -497,6 +501,8 @@ def test_interrupted_run_leaves_no_results_json_and_no_workers(tmp_path):
     out.mkdir()
     stale = out / "results.json"
     stale.write_text('{"stale": true}\n')
+    stale_page = out / "report.html"
+    stale_page.write_text("<p>an earlier run</p>\n")
     stdout_path, stderr_path = tmp_path / "stdout", tmp_path / "stderr"
     with open(stdout_path, "w") as stdout, open(stderr_path, "w") as stderr:
         # Full size: the chapter's 10 epochs of batch 256, progress bars on, two PyTorch workers.
@@ -513,6 +519,7 @@ def test_interrupted_run_leaves_no_results_json_and_no_workers(tmp_path):
             time.sleep(1.0)  # well into training
             assert process.poll() is None
             assert not stale.exists(), "the earlier results.json must be removed when a new run starts"
+            assert not stale_page.exists(), "and the earlier report.html"
             workers = child_processes(process.pid)
             assert len(workers) >= 2, workers  # the workers (and multiprocessing's resource tracker)
             process.send_signal(signal.SIGINT)
@@ -525,7 +532,7 @@ def test_interrupted_run_leaves_no_results_json_and_no_workers(tmp_path):
     assert stderr_path.read_text().rstrip().endswith("interrupted: no results.json written")
     assert "Traceback" not in stderr_path.read_text()
     assert not stale.exists()
-    assert not list(out.glob("results.json*"))
+    assert not list(out.glob("results.json*")) and not list(out.glob("report.html*"))
     assert "examples/sec" not in stdout_path.read_text()  # no report for a run that did not finish
     deadline = time.monotonic() + 30
     while any(is_running(pid) for pid in workers) and time.monotonic() < deadline:
@@ -603,6 +610,12 @@ def test_benchmark_writes_every_figure_and_its_ratio(tmp_path):
     assert "x chapter loop" in process.stdout and "chapter loop (scratch)" in process.stdout
     assert "x 1 worker" in process.stdout
     assert not (out / "results.json").exists()  # a benchmark is not an experiment run
+    # report.html shows what the benchmark measured: every row, its figure and its ratio.
+    assert process.stdout.rstrip().endswith(f"{out / 'report.html'}")
+    html = re.sub(r">\s+<", "><", (out / "report.html").read_text())
+    for row in bench["rows"]:
+        assert (f"<td>{row['implementation']}</td><td>{row['mode']}</td><td class=\"number\">"
+                f"{row['examples_per_sec']:.1f}</td><td class=\"number\">{row['ratio_to_baseline']:.2f}</td>") in html, row
 
 
 # ---------------------------------------------------------------------------
@@ -630,6 +643,17 @@ def test_data_parallel_run_records_its_workers(data_parallel_run):
         assert re.fullmatch(engine, parallel["engine"]), parallel
         assert len(parallel["devices"]) == 2 and len(set(parallel["devices"])) == 2, parallel
         assert f"2 workers, global batch-norm statistics: {parallel['engine']}" in report_section(process.stdout, name)
+
+
+def test_data_parallel_page_shows_the_workers(data_parallel_run):
+    """report.html says how each implementation trained: its workers, engine and devices, and why one did not."""
+    process, results = data_parallel_run
+    html = re.sub(r">\s+<", "><", Path(process.stdout.splitlines()[-1].split(", ")[-1]).read_text())
+    for name in ("torch-scratch", "flax-scratch"):
+        parallel = results["runs"][name]["data_parallel"]
+        assert (f"<tr><td>{name}</td><td class=\"number\">2</td><td>global</td><td>{parallel['engine']}</td>"
+                f"<td>{', '.join(parallel['devices'])}</td></tr>") in html, name
+    assert "<code>torch-builtin</code>: not run: nn.SyncBatchNorm trains only on GPUs" in html
 
 
 def test_sync_batch_norm_is_reported_as_not_run_on_the_cpu(data_parallel_run):
@@ -706,3 +730,185 @@ def test_a_rendezvous_that_cannot_be_reached_is_one_line(tmp_path):
                                  r"within 2 s \(.+\); check MASTER_ADDR and MASTER_PORT, and that all 2 workers were started$")
     assert len(process.stderr.strip().splitlines()) == 1, process.stderr
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------
+# report.html, as a reader sees it in a real browser (Debian's chromium, through selenium): the
+# main run's page and the --side-by-side page, each loaded once
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser():
+    driver = start_chromium()
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def side_by_side_run(tmp_path_factory):
+    """compare.py --side-by-side, pointed at a folder without the data set: it needs none."""
+    no_data = tmp_path_factory.mktemp("no-data")
+    out = tmp_path_factory.mktemp("side-by-side") / "out"
+    return completed(run_compare("--side-by-side", "--data-dir", no_data, out=out, timeout=120)), out
+
+
+@pytest.fixture(scope="module")
+def main_page(browser, main_run):
+    _, out, _ = main_run
+    return open_page(browser, out / "report.html")
+
+
+@pytest.fixture(scope="module")
+def side_by_side_page(browser, side_by_side_run):
+    _, out = side_by_side_run
+    return open_page(browser, out / "report.html")
+
+
+@pytest.fixture(params=["main run", "--side-by-side"])
+def any_page(request):
+    return request.getfixturevalue({"main run": "main_page", "--side-by-side": "side_by_side_page"}[request.param])
+
+
+def readme_topics(heading):
+    """The first column of the README's table under `heading`, read here line by line."""
+    lines = (REPO / "README.md").read_text().splitlines()
+    start = lines.index(heading)
+    table = list(itertools.takewhile(lambda line: line.startswith("|"),
+                                     itertools.dropwhile(lambda line: not line.startswith("|"), lines[start:])))
+    return [row.split("|")[1].strip().replace("`", "") for row in table[2:]]
+
+
+def definitions(path):
+    """{name: line} of a file's top-level definitions and its classes' methods, by ast."""
+    found = {}
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            found[node.name] = node.lineno
+            if isinstance(node, ast.ClassDef):
+                found.update({f"{node.name}.{member.name}": member.lineno for member in node.body
+                              if isinstance(member, ast.FunctionDef)})
+        elif isinstance(node, ast.Assign) and all(isinstance(target, ast.Name) for target in node.targets):
+            found.update({target.id: node.lineno for target in node.targets})
+    return found
+
+
+def test_side_by_side_writes_the_source_view_alone(side_by_side_run, side_by_side_page):
+    process, out = side_by_side_run
+    assert process.stdout == f"wrote {out / 'report.html'}\n"
+    assert [path.name for path in out.iterdir()] == ["report.html"]  # nothing trained, nothing else written
+    seen, _, _ = side_by_side_page
+    assert not seen["hasResults"] and seen["plots"] == [] and seen["views"]
+
+
+def test_the_page_makes_no_network_request(any_page):
+    seen, requests, messages = any_page
+    assert len(requests) == 1 and requests[0].startswith("file:///") and requests[0].endswith("/report.html"), requests
+    assert messages == []  # a resource refused by the page's Content-Security-Policy would be logged here
+
+
+def test_the_network_check_sees_a_request(browser, tmp_path):
+    """The check above can fail: a page that loads an image from elsewhere shows the request."""
+    path = tmp_path / "fetches.html"
+    path.write_text('<!DOCTYPE html><html><body><img src="http://127.0.0.1:9/plot.png"></body></html>\n')
+    _, requests, _ = open_page(browser, path)
+    assert "http://127.0.0.1:9/plot.png" in requests
+
+
+def test_every_definition_appears_once_in_order_beside_its_twin(any_page):
+    """Each pair of mirrored files: every line of each file once, in file order, in its own column;
+    every definition both files hold (read here with ast) on one row, beside its twin; nothing out of step."""
+    seen, _, _ = any_page
+    assert seen["problems"] is None, seen["problems"]
+    renamed = {(filename, names[left], names[right]) for filename, names, _ in page.TWINS_BY_OTHER_NAME
+               for left in names for right in names if names[left] != names[right]}
+    pairs = [view for view in seen["views"] if not view["single"]]
+    assert [view["heads"] for view in pairs] == [
+        [f"{titles[left]}: impls/{left}/{filename}", f"{titles[right]}: impls/{right}/{filename}"]
+        for filename in ("batch_norm.py", "lenet.py", "train.py", "data_parallel.py")
+        for left, right in (("pytorch", "flax"), ("flax", "linen"))
+        for titles in [{"pytorch": "PyTorch", "flax": "Flax NNX", "linen": "Flax Linen"}]]
+    for view in seen["views"]:
+        paths = [REPO / head.split(": ")[1] for head in view["heads"]]
+        for side, path in enumerate(paths):
+            lines = path.read_text().splitlines()
+            shown = [line for row in view["rows"] for line in row["lines"][side] if line and line["own"]]
+            numbers = [line["number"] for line in shown]
+            assert numbers == sorted(set(numbers)), (path, "each line once, in order")
+            assert {number for number, text in enumerate(lines, 1) if text.strip()} <= set(numbers), path
+            assert all(line["text"] == lines[line["number"] - 1] for line in shown), path
+        if view["single"]:
+            continue
+        left, right = (definitions(path) for path in paths)
+        filename = paths[0].name
+        twins = [(name, name) for name in left if name in right] + [
+            (a, b) for name, a, b in renamed if name == filename and a in left and b in right]
+        for left_name, right_name in twins:
+            [row] = [row for row in view["rows"] if (row["left"], row["right"]) == (left_name, right_name)]
+            assert row["status"] in ("twins", "renamed"), row["id"]
+            numbers = [[line and line["number"] for line in column] for column in row["lines"]]
+            assert left[left_name] in numbers[0] and right[right_name] in numbers[1], (row["id"], "the definitions' lines")
+            beside = [(a, b) for a, b in zip(*row["lines"]) if a and b]
+            assert beside and all(a["rect"]["y"] == b["rect"]["y"] and a["rect"]["x"] + a["rect"]["width"] <= b["rect"]["x"]
+                                  for a, b in beside), row["id"]
+            assert all(a["rect"]["width"] > 450 and b["rect"]["width"] > 450 for a, b in beside), row["id"]
+
+
+def test_every_row_of_the_tables_of_differences_leads_to_its_place(any_page):
+    seen, _, _ = any_page
+    assert seen["missingPlaces"] is None, seen["missingPlaces"]
+    tables = {table["section"]: table["rows"] for table in seen["tables"]}
+    assert [row["topic"] for row in tables["where-the-frameworks-differ"]] == readme_topics("## Where the frameworks differ")
+    assert [row["topic"] for row in tables["over-several-workers"]] == readme_topics("### Over several workers")
+    for row in (row for rows in tables.values() for row in rows):
+        assert row["places"], row["topic"]
+        for place in row["places"]:
+            assert place["links"], (row["topic"], place["name"])
+            for link in place["links"]:
+                target = link["target"]
+                assert target is not None, (row["topic"], link["href"], "no such place on the page")
+                assert target["isDefinition"] and target["rect"]["height"] > 0, (row["topic"], link["href"])
+                assert place["name"] in target["names"], (row["topic"], place["name"], target["names"])
+
+
+def test_the_plots_are_drawn(main_page):
+    """Both plots, inline, at the page's width, with a drawn line for every implementation (the
+    curves: 3 panels of 6, and the legend's 6) and every pair (the drift: 2 panels of 15, and 15)."""
+    seen, _, _ = main_page
+    assert [plot["id"] for plot in seen["plots"]] == ["plot-curves", "plot-divergence"]
+    for plot, drawn in zip(seen["plots"], (3 * 6 + 6, 2 * len(PAIRS) + len(PAIRS))):
+        box = plot["rect"]
+        assert box["width"] > 1000 and box["height"] > 300, plot["id"]
+        assert len(plot["lines"]) == drawn, plot["id"]
+        for line in plot["lines"]:
+            assert line["width"] > 0, plot["id"]  # every line spans the epochs
+            inner = line["rect"]
+            assert box["x"] <= inner["x"] and inner["x"] + inner["width"] <= box["x"] + box["width"], plot["id"]
+            assert box["y"] <= inner["y"] and inner["y"] + inner["height"] <= box["y"] + box["height"], plot["id"]
+
+
+def test_the_page_shows_the_runs_numbers(main_run, main_page):
+    process, out, results = main_run
+    seen, _, _ = main_page
+    assert f"{out / 'report.html'}" in process.stdout.splitlines()[-1]
+    assert seen["summary"][0] == ["implementation", "loss", "train acc", "test acc", "examples/sec", "compile s",
+                                  "wall s", "device"]
+    assert [row[0] for row in seen["summary"][1:]] == IMPLS
+    for row in seen["summary"][1:]:
+        run = results["runs"][row[0]]
+        last = run["epochs"][-1]
+        assert row[1:4] == [f"{last[key]:.3f}" for key in ("train_loss", "train_acc", "test_acc")], row
+        assert row[4] == f"{run['examples_per_sec']:.1f}" and row[7] == "cpu", row
+    assert seen["configuration"]["epochs"] == str(EPOCHS) and seen["configuration"]["batch_size"] == str(BATCH_SIZE)
+    assert seen["configuration"]["impls"] == ", ".join(IMPLS)
+
+
+def test_the_page_fits_a_laptops_width(any_page):
+    """At 1366 pixels: no horizontal scrolling of the page, and no line of code overflowing its column
+    (long lines wrap within it)."""
+    seen, _, _ = any_page
+    assert seen["viewport"] == 1366 and seen["width"] <= seen["viewport"], seen["width"]
+    for view in seen["views"]:
+        for row in view["rows"]:
+            assert not row["overflows"], row["id"]
+            assert not [line for column in row["lines"] for line in column if line and line["overflows"]], row["id"]
