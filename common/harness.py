@@ -29,6 +29,9 @@ IMPLEMENTATIONS = {
     "linen-builtin": ("linen", "builtin"),
 }
 MODES = ("eager", "compiled")
+# --dtype: (the parameters', optimizer's and batch-norm statistics' dtype, the computation's where it
+# differs). bf16-mixed: convolutions and matrix products in bfloat16 (torch.autocast; Flax's dtype).
+PRECISIONS = {"float32": ("float32", None), "float64": ("float64", None), "bf16-mixed": ("float32", "bfloat16")}
 # How often the progress bar reads the running loss back from the device (a synchronisation).
 PROGRESS_EVERY = 20
 
@@ -107,20 +110,20 @@ class Run:
 
 
 def start_run(name, weights, lr, device, mode="eager", train_images=None, train_labels=None, workers=None,
-              bn_stats="global"):
+              bn_stats="global", compute_dtype=None):
     """A model from the canonical weights; in compiled mode also the training set on the device.
     With `workers` (data parallel), each worker's replica, trained on its shards of the batches;
-    `device` is then this process's first worker's device."""
+    `device` is then this process's first worker's device. compute_dtype: see PRECISIONS."""
     module = framework_of(name)
     framework, norm = IMPLEMENTATIONS[name]
     dtype = weights["conv1.weight"].dtype
     if workers is not None:
         parallel = data_parallel_module(framework)
-        model = parallel.build_lenet(weights, norm, workers, bn_stats)
+        model = parallel.build_lenet(weights, norm, workers, bn_stats, compute_dtype)
         run = Run(name, module, workers.device, dtype, model, module.make_optimizer(model, lr))
         run.data_parallel = parallel.DataParallelTrainer(model, run.optimizer, workers)
         return run
-    model = module.build_lenet(weights, norm, device)
+    model = module.build_lenet(weights, norm, device, compute_dtype=compute_dtype)
     run = Run(name, module, device, dtype, model, module.make_optimizer(model, lr))
     if mode == "compiled":
         images, labels = module.put_dataset(train_images, train_labels, device, dtype)
@@ -260,13 +263,13 @@ def print_epoch(name, epoch):
 def run_implementation(name, weights, data, settings, device, workers=None):
     """Train one implementation for all epochs, evaluating after each (compare.py's experiment).
 
-    settings: compare.py's flags (epochs, batch_size, lr, seed, mode, max_batches, no_progress, bn_stats).
+    settings: compare.py's flags (epochs, batch_size, lr, seed, dtype, mode, max_batches, no_progress, bn_stats).
     Returns (its entry of results.json, its snapshots: weights and test logits after each epoch); in a
     data-parallel run, in the process that reports only, and (None, None) in the others."""
     train_images, train_labels, test_images, test_labels = data
     wall_start = time.perf_counter()
     run = start_run(name, weights, settings.lr, device, settings.mode, train_images, train_labels, workers,
-                    getattr(settings, "bn_stats", "global"))
+                    getattr(settings, "bn_stats", "global"), PRECISIONS[settings.dtype][1])
     progress = not settings.no_progress and run.reports
     epochs, snapshots = [], []
     for epoch in range(1, settings.epochs + 1):

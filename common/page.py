@@ -68,8 +68,8 @@ TWINS_BY_OTHER_NAME = [
 # renamed or removed on one side only, and the page and the tests say so.
 WITHOUT_TWIN = {
     (("flax", "linen"), "batch_norm.py"): {"flax": ["BatchNorm.__init__"]},
-    (("pytorch", "flax"), "lenet.py"): {"flax": ["to_flax_layout", "from_flax_layout"]},
-    (("flax", "linen"), "lenet.py"): {"linen": ["Model"]},
+    (("pytorch", "flax"), "lenet.py"): {"flax": ["promote_input_only", "to_flax_layout", "from_flax_layout"]},
+    (("flax", "linen"), "lenet.py"): {"flax": ["promote_input_only"], "linen": ["Model"]},
     (("pytorch", "flax"), "train.py"): {
         "pytorch": ["cross_entropy", "loss_and_counts", "FastTrainer.step", "FastTrainer.capture",
                     "FastTrainer.train_with_graph"],

@@ -151,7 +151,7 @@ def linen_layer(layer, names, batches, gamma, beta, cotangent, training):
 
 
 def linen_scratch(batches, gamma, beta, cotangent, training=True):
-    layer = linen_bn.BatchNorm(len(gamma), batches[0].ndim, dtype=gamma.dtype)
+    layer = linen_bn.BatchNorm(len(gamma), batches[0].ndim, param_dtype=gamma.dtype)
     return linen_layer(layer, ("gamma", "beta", "moving_mean", "moving_var"), batches, gamma, beta, cotangent,
                        training)
 

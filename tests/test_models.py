@@ -169,7 +169,7 @@ class LinenLayer:
     """Linen's scratch layer with its variables, called and switched as the other frameworks' are."""
 
     def __init__(self, features, dims):
-        self.module = linen_bn.BatchNorm(features, dims, dtype=jnp.float64)
+        self.module = linen_bn.BatchNorm(features, dims, param_dtype=jnp.float64)
         self.variables = {"params": {"gamma": jnp.ones(features), "beta": jnp.zeros(features)},
                           "batch_stats": {"moving_mean": jnp.zeros(features), "moving_var": jnp.ones(features)}}
         self.training = True
@@ -186,7 +186,7 @@ class LinenLayer:
 
 SCRATCH_LAYERS = {
     "torch": lambda features, dims: torch_bn.BatchNorm(features, dims).double(),
-    "flax": lambda features, dims: flax_bn.BatchNorm(features, dims, dtype=jnp.float64),
+    "flax": lambda features, dims: flax_bn.BatchNorm(features, dims, param_dtype=jnp.float64),
     "linen": LinenLayer,
 }
 

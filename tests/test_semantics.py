@@ -281,6 +281,40 @@ def test_linen_builtin_creates_running_statistics_in_float32_unless_told_otherwi
     assert model.variables["batch_stats"]["bn1"]["mean"].dtype == jnp.float64
 
 
+def test_nnx_batch_norm_rounds_scale_bias_and_running_statistics_to_its_dtype():
+    """Under mixed precision (dtype=bfloat16, param_dtype=float32), nnx.BatchNorm's default
+    promote_dtype (flax 0.12.1 and later) casts its input, scale, bias and running statistics to
+    bfloat16 before it normalises: in inference its output is the same whether they hold their
+    values or those values rounded to bfloat16. linen.BatchNorm uses them in float32
+    (force_float32_reductions), and so does nnx.BatchNorm given the project's promote_input_only;
+    those two agree bitwise, and see the rounding."""
+    X = jnp.asarray(3.0 + 2.0 * RNG.standard_normal((16, 4)), jnp.bfloat16)
+    # Values that bfloat16 cannot hold: 1 + 2^-10 rounds to 1, and so on.
+    variables = {"scale": np.full(4, 1 + 2 ** -10), "bias": np.full(4, 0.1), "mean": np.full(4, 3.01),
+                 "var": np.full(4, 4.02)}
+    rounded = {key: np.asarray(jnp.asarray(value, jnp.bfloat16), np.float32) for key, value in variables.items()}
+
+    def nnx_output(values, **options):
+        layer = nnx.BatchNorm(4, dtype=jnp.bfloat16, param_dtype=jnp.float32, use_running_average=True,
+                              rngs=nnx.Rngs(0), **options)
+        for key, value in values.items():
+            getattr(layer, key).set_value(jnp.asarray(value, jnp.float32))
+        return np.asarray(layer(X), np.float32)
+
+    def linen_output(values):
+        layer = linen.BatchNorm(dtype=jnp.bfloat16, param_dtype=jnp.float32, use_running_average=True)
+        return np.asarray(layer.apply({"params": {"scale": jnp.asarray(values["scale"], jnp.float32),
+                                                  "bias": jnp.asarray(values["bias"], jnp.float32)},
+                                       "batch_stats": {"mean": jnp.asarray(values["mean"], jnp.float32),
+                                                       "var": jnp.asarray(values["var"], jnp.float32)}}, X), np.float32)
+
+    np.testing.assert_array_equal(nnx_output(variables), nnx_output(rounded))
+    ours = nnx_output(variables, promote_dtype=flax_lenet.promote_input_only)
+    np.testing.assert_array_equal(ours, linen_output(variables))
+    assert not np.array_equal(ours, nnx_output(rounded, promote_dtype=flax_lenet.promote_input_only))
+    assert not np.array_equal(ours, nnx_output(variables))
+
+
 @pytest.mark.parametrize("name", ["linen-scratch", "linen-builtin"])
 def test_linen_training_needs_batch_stats_marked_mutable(name, first_batch):
     """Linen's training mode writes the moving statistics into the 'batch_stats' collection, which

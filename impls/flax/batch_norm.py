@@ -36,6 +36,13 @@ def batch_norm(X, gamma, beta, moving_mean, moving_var, eps, momentum, training,
     # over the batch and both spatial axes, and per-channel vectors broadcast as (1, 1, 1, C).
     reduce_axes = (0,) if X.ndim == 2 else (0, 1, 2)
     per_channel = (1, -1) if X.ndim == 2 else (1, 1, 1, -1)
+    # The statistics in the moving statistics' type (float32, float64 in the float64 suite), whatever
+    # X's: under mixed precision X arrives in bfloat16, whose 8 significant bits cannot hold a sum
+    # over the 147,456 values of a channel of LeNet's first layer at batch 256. The chapter's code
+    # computed them in X's type; PyTorch's and Flax's built-ins compute them in float32 (see
+    # tests/test_mixed_precision.py for what that saves). Y goes on in X's type, as the built-ins'.
+    input_dtype = X.dtype
+    X = X.astype(moving_mean.dtype)
     if training:
         # Sums and counts over every worker, so that a worker holding fewer examples (a shard of
         # a partial batch) weighs less, exactly as on one device. JAX runs one program on shards
@@ -53,7 +60,7 @@ def batch_norm(X, gamma, beta, moving_mean, moving_var, eps, momentum, training,
     X_hat = (X - mean.reshape(per_channel)) / jnp.sqrt(var.reshape(per_channel) + eps)
     Y = gamma.reshape(per_channel) * X_hat + beta.reshape(per_channel)
     # The moving statistics are state, not part of the graph that gradients flow through.
-    return Y, jax.lax.stop_gradient(moving_mean), jax.lax.stop_gradient(moving_var)
+    return Y.astype(input_dtype), jax.lax.stop_gradient(moving_mean), jax.lax.stop_gradient(moving_var)
 
 
 def check_input(X, num_features, num_dims, training):
@@ -74,16 +81,16 @@ def check_input(X, num_features, num_dims, training):
 class BatchNorm(nnx.Module):
     """The chapter's scratch layer; gamma and beta are trained, the moving statistics are state."""
 
-    def __init__(self, num_features, num_dims, *, axis_name=None, dtype=jnp.float32):
+    def __init__(self, num_features, num_dims, *, axis_name=None, param_dtype=jnp.float32):
         self.num_features, self.num_dims = num_features, num_dims
         # The mesh axis whose workers' batches are normalised together, as for nnx.BatchNorm; None: this one.
         self.axis_name = axis_name
-        self.gamma = nnx.Param(jnp.ones(num_features, dtype))
-        self.beta = nnx.Param(jnp.zeros(num_features, dtype))
+        self.gamma = nnx.Param(jnp.ones(num_features, param_dtype))
+        self.beta = nnx.Param(jnp.zeros(num_features, param_dtype))
         # nnx.BatchStat marks state that is not trained: nnx.Optimizer(wrt=nnx.Param) leaves
         # it alone, and nnx.state(model) carries it along with the parameters.
-        self.moving_mean = nnx.BatchStat(jnp.zeros(num_features, dtype))
-        self.moving_var = nnx.BatchStat(jnp.ones(num_features, dtype))
+        self.moving_mean = nnx.BatchStat(jnp.zeros(num_features, param_dtype))
+        self.moving_var = nnx.BatchStat(jnp.ones(num_features, param_dtype))
         # The attribute that model.train() / model.eval() set, as for nnx.BatchNorm.
         self.use_running_average = False
 

@@ -80,12 +80,12 @@ def stop_workers(workers):
         jax.distributed.shutdown()
 
 
-def build_lenet(weights, norm, workers, bn_stats):
+def build_lenet(weights, norm, workers, bn_stats, compute_dtype=None):
     """The model every worker trains. 'global' statistics: batch norm over every worker's shard
     together (the scratch layer's psum, nnx.BatchNorm's pmean); 'local': over each worker's shard
     alone, which is what shard_map does with a model left as it is."""
     axis_name = AXIS if bn_stats == "global" else None
-    return lenet.build_lenet(weights, norm, workers.device, axis_name=axis_name)
+    return lenet.build_lenet(weights, norm, workers.device, axis_name=axis_name, compute_dtype=compute_dtype)
 
 
 def worker_loss_and_counts(model, images, labels, mask, global_batch_size):

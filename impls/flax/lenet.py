@@ -16,15 +16,28 @@ from impls.flax.cpu_conv import conv_general_dilated
 NORMS = ("scratch", "builtin")
 
 
-def make_batch_norm(norm, num_features, num_dims, dtype, axis_name=None):
+def make_batch_norm(norm, num_features, num_dims, dtype, param_dtype, axis_name=None):
     """The chapter's scratch layer, or Flax's own set to the same momentum, eps and variance; with
     a mesh axis, each normalises over the batches of all its workers together."""
     if norm == "scratch":
-        return BatchNorm(num_features, num_dims, axis_name=axis_name, dtype=dtype)
+        # Its output comes in its input's type, its statistics in param_dtype's (see batch_norm).
+        return BatchNorm(num_features, num_dims, axis_name=axis_name, param_dtype=param_dtype)
     # The same class synchronises its statistics when given the axis (lax.pmean over it).
     # nnx.BatchNorm computes E[x^2] - E[x]^2 by default; the two-pass variance matches the others.
+    # Its batch statistics are float32 whatever `dtype`, its output's type; promote_input_only keeps
+    # its scale, bias and running statistics in theirs too.
     return nnx.BatchNorm(num_features, momentum=MOMENTUM, epsilon=EPS, use_fast_variance=False,
-                         axis_name=axis_name, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
+                         axis_name=axis_name, dtype=dtype, param_dtype=param_dtype,
+                         promote_dtype=promote_input_only, rngs=nnx.Rngs(0))
+
+
+def promote_input_only(arrays, *, dtype=None, inexact=True):
+    """nnx.BatchNorm's promote_dtype: the input in the computation's type, its running statistics,
+    scale and bias left in their own (float32 under mixed precision), as PyTorch and linen.BatchNorm
+    use theirs. Flax's default (since flax 0.12.1) casts all five to `dtype`: in bfloat16, scale and
+    bias would be rounded to 8 significant bits at every use, and the running statistics in inference."""
+    x, *variables = arrays
+    return (x if dtype is None else jnp.asarray(x, dtype), *variables)
 
 
 
@@ -39,14 +52,17 @@ def check_batch(X, training):
 
 
 class LeNet(nnx.Module):
-    def __init__(self, norm="scratch", dtype=jnp.float32, axis_name=None):
+    def __init__(self, norm="scratch", param_dtype=jnp.float32, dtype=None, axis_name=None):
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         self.norm = norm
-        bn_options = dict(dtype=dtype, axis_name=axis_name)
+        # Mixed precision, Flax's way: each layer stores its parameters in param_dtype and computes
+        # in `dtype` (bfloat16), casting its inputs and parameters itself. None: in their own type.
+        self.param_dtype = param_dtype
+        bn_options = dict(dtype=dtype, param_dtype=param_dtype, axis_name=axis_name)
         # Flax layers need a random key even though build_lenet overwrites every value.
         rngs = nnx.Rngs(0)
-        layer_dtypes = dict(dtype=dtype, param_dtype=dtype, rngs=rngs)
+        layer_dtypes = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         # XLA's convolution; on the CPU, rewritten into one that XLA:CPU computes faster (cpu_conv.py).
         conv_options = dict(padding="VALID", conv_general_dilated=conv_general_dilated, **layer_dtypes)
         self.conv1 = nnx.Conv(1, 6, kernel_size=(5, 5), **conv_options)
@@ -60,7 +76,7 @@ class LeNet(nnx.Module):
         self.fc3 = nnx.Linear(84, 10, **layer_dtypes)
 
     def __call__(self, X, mask=None):
-        """X: images (batch, 28, 28, 1), NHWC. Returns logits (batch, 10).
+        """X: images (batch, 28, 28, 1), NHWC. Returns logits (batch, 10), in the parameters' dtype.
         mask (batch,): True for an example, False for a row that pads a worker's shard (see batch_norm)."""
         check_batch(X, training=not self.bn1.use_running_average)
         # The mask broadcast against each layer's output, as batch norm's statistics read it.
@@ -72,7 +88,8 @@ class LeNet(nnx.Module):
         X = X.reshape(X.shape[0], -1)
         X = nnx.sigmoid(self.bn3(self.fc1(X), mask=feature_mask))
         X = nnx.sigmoid(self.bn4(self.fc2(X), mask=feature_mask))
-        return self.fc3(X)
+        # The loss and the comparisons of logits in the parameters' type, under mixed precision too.
+        return self.fc3(X).astype(self.param_dtype)
 
 
 # Canonical field name -> attribute of the layer, for each kind of batch-norm layer.
@@ -116,13 +133,15 @@ def from_flax_layout(canonical_key, value):
     return value
 
 
-def build_lenet(weights, norm="scratch", device=None, axis_name=None):
+def build_lenet(weights, norm="scratch", device=None, axis_name=None, compute_dtype=None):
     """A LeNet holding the canonical weights, in their dtype, on `device` (default: JAX's); with a
-    mesh axis, its batch norm normalises over the batches of all the axis' workers together."""
-    dtype = weights["conv1.weight"].dtype
+    mesh axis, its batch norm normalises over the batches of all the axis' workers together.
+    compute_dtype 'bfloat16': mixed precision (Flax's dtype); None: everything in the weights' dtype."""
+    param_dtype = weights["conv1.weight"].dtype
+    dtype = None if compute_dtype is None else jnp.dtype(compute_dtype)
     # The model's structure alone (nnx.eval_shape): the random initial values that Flax's layers
     # would compute, each initialiser a small compiled program, are replaced by the canonical ones.
-    model = nnx.eval_shape(lambda: LeNet(norm, dtype=dtype, axis_name=axis_name))
+    model = nnx.eval_shape(lambda: LeNet(norm, param_dtype=param_dtype, dtype=dtype, axis_name=axis_name))
     for key in WEIGHT_NAMES:
         value = np.ascontiguousarray(to_flax_layout(key, weights[key]))
         # set_value replaces the array, dtype included: nnx.BatchNorm creates its running

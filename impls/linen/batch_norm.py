@@ -25,7 +25,7 @@ class BatchNorm(nn.Module):
     num_dims: int
     # The mesh axis whose workers' batches are normalised together, as for linen.BatchNorm; None: this one.
     axis_name: str | None = None
-    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
     # Linen chooses the mode at each call, or here, as linen.BatchNorm does (NNX: model.train()/.eval()).
     use_running_average: bool | None = None
 
@@ -33,10 +33,10 @@ class BatchNorm(nn.Module):
     def __call__(self, X, use_running_average=None, *, mask=None):
         training = not nn.merge_param("use_running_average", self.use_running_average, use_running_average)
         check_input(X, self.num_features, self.num_dims, training)
-        gamma = self.param("gamma", nn.initializers.ones, (self.num_features,), self.dtype)
-        beta = self.param("beta", nn.initializers.zeros, (self.num_features,), self.dtype)
-        moving_mean = self.variable("batch_stats", "moving_mean", jnp.zeros, (self.num_features,), self.dtype)
-        moving_var = self.variable("batch_stats", "moving_var", jnp.ones, (self.num_features,), self.dtype)
+        gamma = self.param("gamma", nn.initializers.ones, (self.num_features,), self.param_dtype)
+        beta = self.param("beta", nn.initializers.zeros, (self.num_features,), self.param_dtype)
+        moving_mean = self.variable("batch_stats", "moving_mean", jnp.zeros, (self.num_features,), self.param_dtype)
+        moving_var = self.variable("batch_stats", "moving_var", jnp.ones, (self.num_features,), self.param_dtype)
         # model.init runs this call once, outside any mesh: no axis to sum over there.
         axis_name = None if self.is_initializing() else self.axis_name
         Y, new_mean, new_var = batch_norm(

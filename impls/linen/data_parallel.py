@@ -19,12 +19,12 @@ from impls.linen import lenet
 from impls.linen.train import keep_state, state_for_step
 
 
-def build_lenet(weights, norm, workers, bn_stats):
+def build_lenet(weights, norm, workers, bn_stats, compute_dtype=None):
     """The model every worker trains. 'global' statistics: batch norm over every worker's shard
     together (the scratch layer's psum, linen.BatchNorm's pmean); 'local': over each worker's shard
     alone, which is what shard_map does with a model left as it is."""
     axis_name = AXIS if bn_stats == "global" else None
-    return lenet.build_lenet(weights, norm, workers.device, axis_name=axis_name)
+    return lenet.build_lenet(weights, norm, workers.device, axis_name=axis_name, compute_dtype=compute_dtype)
 
 
 def worker_loss_and_counts(params, batch_stats, apply_fn, images, labels, mask, global_batch_size):

@@ -21,28 +21,34 @@ from impls.linen.batch_norm import EPS, MOMENTUM, BatchNorm
 NORMS = ("scratch", "builtin")
 
 
-def make_batch_norm(norm, num_features, num_dims, dtype, axis_name=None):
+def make_batch_norm(norm, num_features, num_dims, dtype, param_dtype, axis_name=None):
     """The chapter's scratch layer, or Flax's own set to the same momentum, eps and variance; with
     a mesh axis, each normalises over the batches of all its workers together."""
     if norm == "scratch":
-        return BatchNorm(num_features, num_dims, axis_name=axis_name, dtype=dtype)
+        # Its output comes in its input's type, its statistics in param_dtype's (see batch_norm).
+        return BatchNorm(num_features, num_dims, axis_name=axis_name, param_dtype=param_dtype)
     # The same class synchronises its statistics when given the axis (lax.pmean over it). It reads
     # the number of features from its input, where NNX's is told them.
     # linen.BatchNorm computes E[x^2] - E[x]^2 by default; the two-pass variance matches the others.
+    # Its batch statistics are float32 whatever `dtype`, its output's type, and its scale, bias and
+    # running statistics stay in theirs (force_float32_reductions), where NNX's needs telling.
     return nn.BatchNorm(momentum=MOMENTUM, epsilon=EPS, use_fast_variance=False, axis_name=axis_name,
-                        dtype=dtype, param_dtype=dtype)
+                        dtype=dtype, param_dtype=param_dtype)
 
 
 class LeNet(nn.Module):
     norm: str = "scratch"
-    dtype: Any = jnp.float32
+    # Mixed precision, Flax's way: each layer stores its parameters in param_dtype and computes
+    # in `dtype` (bfloat16), casting its inputs and parameters itself. None: in their own type.
+    param_dtype: Any = jnp.float32
+    dtype: Any = None
     axis_name: str | None = None
 
     def setup(self):
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
-        bn_options = dict(dtype=self.dtype, axis_name=self.axis_name)
-        layer_dtypes = dict(dtype=self.dtype, param_dtype=self.dtype)
+        bn_options = dict(dtype=self.dtype, param_dtype=self.param_dtype, axis_name=self.axis_name)
+        layer_dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         # XLA's convolution; on the CPU, rewritten into one that XLA:CPU computes faster (cpu_conv.py).
         conv_options = dict(padding="VALID", conv_general_dilated=conv_general_dilated, **layer_dtypes)
         self.conv1 = nn.Conv(6, kernel_size=(5, 5), **conv_options)
@@ -56,7 +62,7 @@ class LeNet(nn.Module):
         self.fc3 = nn.Dense(10, **layer_dtypes)
 
     def __call__(self, X, train, mask=None):
-        """X: images (batch, 28, 28, 1), NHWC. Returns logits (batch, 10). train: batch statistics
+        """X: images (batch, 28, 28, 1), NHWC. Returns logits (batch, 10), in the parameters' dtype. train: batch statistics
         (apply with mutable=["batch_stats"]) or the moving ones; Linen takes the mode with each call.
         mask (batch,): True for an example, False for a row that pads a worker's shard (see batch_norm)."""
         check_batch(X, training=train)
@@ -70,7 +76,8 @@ class LeNet(nn.Module):
         X = X.reshape(X.shape[0], -1)
         X = nn.sigmoid(self.bn3(self.fc1(X), inference, mask=feature_mask))
         X = nn.sigmoid(self.bn4(self.fc2(X), inference, mask=feature_mask))
-        return self.fc3(X)
+        # The loss and the comparisons of logits in the parameters' type, under mixed precision too.
+        return self.fc3(X).astype(self.param_dtype)
 
 
 @dataclass
@@ -111,11 +118,13 @@ def variable_path(norm, canonical_key):
     return "params", layer, "kernel" if field == "weight" else field
 
 
-def build_lenet(weights, norm="scratch", device=None, axis_name=None):
+def build_lenet(weights, norm="scratch", device=None, axis_name=None, compute_dtype=None):
     """A LeNet holding the canonical weights, in their dtype, on `device` (default: JAX's); with a
-    mesh axis, its batch norm normalises over the batches of all the axis' workers together."""
-    dtype = weights["conv1.weight"].dtype
-    module = LeNet(norm, dtype=dtype, axis_name=axis_name)
+    mesh axis, its batch norm normalises over the batches of all the axis' workers together.
+    compute_dtype 'bfloat16': mixed precision (Flax's dtype); None: everything in the weights' dtype."""
+    param_dtype = weights["conv1.weight"].dtype
+    dtype = None if compute_dtype is None else jnp.dtype(compute_dtype)
+    module = LeNet(norm, param_dtype=param_dtype, dtype=dtype, axis_name=axis_name)
     # Linen users call module.init(key, example) for random variables; these are the canonical ones.
     variables = {"params": {}, "batch_stats": {}}
     for key in WEIGHT_NAMES:

@@ -43,6 +43,13 @@ def batch_norm(X, gamma, beta, moving_mean, moving_var, eps, momentum, training,
     # over the batch and both spatial axes, and per-channel vectors broadcast as (1, C, 1, 1).
     reduce_axes = (0,) if X.ndim == 2 else (0, 2, 3)
     per_channel = (1, -1) if X.ndim == 2 else (1, -1, 1, 1)
+    # The statistics in the moving statistics' type (float32, float64 in the float64 suite), whatever
+    # X's: under mixed precision X arrives in bfloat16, whose 8 significant bits cannot hold a sum
+    # over the 147,456 values of a channel of LeNet's first layer at batch 256. The chapter's code
+    # computed them in X's type; PyTorch's and Flax's built-ins compute them in float32 (see
+    # tests/test_mixed_precision.py for what that saves). Y goes on in X's type, as the built-ins'.
+    input_dtype = X.dtype
+    X = X.to(moving_mean.dtype)
     if training:
         # Sums and counts over every worker, so that a worker holding fewer examples (a shard of
         # a partial batch) weighs less, exactly as on one device. (new_full, not a copy from the
@@ -58,7 +65,7 @@ def batch_norm(X, gamma, beta, moving_mean, moving_var, eps, momentum, training,
     X_hat = (X - mean.reshape(per_channel)) / torch.sqrt(var.reshape(per_channel) + eps)
     Y = gamma.reshape(per_channel) * X_hat + beta.reshape(per_channel)
     # The moving statistics are state, not part of the graph that gradients flow through.
-    return Y, moving_mean.detach(), moving_var.detach()
+    return Y.to(input_dtype), moving_mean.detach(), moving_var.detach()
 
 
 def check_input(X, num_features, num_dims, training):

@@ -79,12 +79,12 @@ def stop_workers(workers):
     dist.destroy_process_group()
 
 
-def build_lenet(weights, norm, workers, bn_stats):
+def build_lenet(weights, norm, workers, bn_stats, compute_dtype=None):
     """This worker's replica. 'global' statistics: batch norm over every worker's shard together
     (the scratch layer's all-reduce, nn.SyncBatchNorm); 'local': over this worker's shard alone,
     which is what DDP does with a model left as it is."""
     process_group = workers.process_group if bn_stats == "global" else None
-    return lenet.build_lenet(weights, norm, workers.device, process_group=process_group)
+    return lenet.build_lenet(weights, norm, workers.device, process_group=process_group, compute_dtype=compute_dtype)
 
 
 def worker_loss_and_counts(model, images, labels, global_batch_size, workers):

@@ -42,11 +42,15 @@ def check_batch(X, training):
 
 
 class LeNet(nn.Module):
-    def __init__(self, norm="scratch", dtype=torch.float32, process_group=None):
+    def __init__(self, norm="scratch", dtype=torch.float32, process_group=None, autocast_dtype=None):
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         self.norm = norm
+        # Mixed precision, PyTorch's way: the parameters stay in `dtype`, and torch.autocast runs
+        # each operation on its lists in autocast_dtype (convolutions, matrix products) or float32,
+        # the rest in its inputs' type. None: everything in `dtype`.
+        self.autocast_dtype = autocast_dtype
         bn_options = dict(dtype=dtype, process_group=process_group)
         self.conv1 = nn.Conv2d(1, 6, kernel_size=5, dtype=dtype)
         self.bn1 = make_batch_norm(norm, 6, num_dims=4, **bn_options)
@@ -59,15 +63,20 @@ class LeNet(nn.Module):
         self.fc3 = nn.Linear(84, 10, dtype=dtype)
 
     def forward(self, X):
-        """X: images (batch, 1, 28, 28), NCHW. Returns logits (batch, 10)."""
+        """X: images (batch, 1, 28, 28), NCHW. Returns logits (batch, 10), in the parameters' dtype."""
         check_batch(X, training=self.training)
-        X = F.avg_pool2d(torch.sigmoid(self.bn1(self.conv1(X))), kernel_size=2, stride=2)
-        X = F.avg_pool2d(torch.sigmoid(self.bn2(self.conv2(X))), kernel_size=2, stride=2)
-        # NCHW flattens in (channel, height, width) order: the canonical order.
-        X = X.flatten(start_dim=1)
-        X = torch.sigmoid(self.bn3(self.fc1(X)))
-        X = torch.sigmoid(self.bn4(self.fc2(X)))
-        return self.fc3(X)
+        # Around the forward pass, as PyTorch's recipe places it (autograd's backward pass runs
+        # each operation in the type its forward pass chose).
+        with torch.autocast(X.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            X = F.avg_pool2d(torch.sigmoid(self.bn1(self.conv1(X))), kernel_size=2, stride=2)
+            X = F.avg_pool2d(torch.sigmoid(self.bn2(self.conv2(X))), kernel_size=2, stride=2)
+            # NCHW flattens in (channel, height, width) order: the canonical order.
+            X = X.flatten(start_dim=1)
+            X = torch.sigmoid(self.bn3(self.fc1(X)))
+            X = torch.sigmoid(self.bn4(self.fc2(X)))
+            logits = self.fc3(X)
+        # The loss and the comparisons of logits in the parameters' type, under mixed precision too.
+        return logits.to(self.fc3.weight.dtype)
 
 
 # Canonical field name -> attribute of the layer, for each kind of batch-norm layer.
@@ -85,11 +94,13 @@ def state_dict_key(canonical_key, norm):
     return f"{layer}.{field}"
 
 
-def build_lenet(weights, norm="scratch", device="cpu", process_group=None):
+def build_lenet(weights, norm="scratch", device="cpu", process_group=None, compute_dtype=None):
     """A LeNet holding the canonical weights, in their dtype, on `device`; with a process group,
-    its batch norm normalises over the batches of all the group's workers together."""
+    its batch norm normalises over the batches of all the group's workers together. compute_dtype
+    'bfloat16': mixed precision (torch.autocast); None: everything in the weights' dtype."""
     dtype = torch.from_numpy(weights["conv1.weight"]).dtype
-    model = LeNet(norm, dtype=dtype, process_group=process_group)
+    autocast_dtype = None if compute_dtype is None else getattr(torch, compute_dtype)
+    model = LeNet(norm, dtype=dtype, process_group=process_group, autocast_dtype=autocast_dtype)
     state = {state_dict_key(key, norm): torch.from_numpy(np.array(weights[key])) for key in WEIGHT_NAMES}
     if norm == "builtin":
         # nn.BatchNorm also counts the batches it has seen; unused with a fixed momentum.
