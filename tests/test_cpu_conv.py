@@ -114,11 +114,12 @@ def test_lenet_runs_space_to_depth_on_the_cpu_and_other_arguments_run_lax():
     images, kernel = jnp.ones((2, 12, 12, 6), jnp.float32), jnp.ones((5, 5, 6, 16), jnp.float32)
     model = LeNet("scratch")
     model.eval()  # a traced training pass would update the moving statistics from inside the trace
-    assert count_platform_choices(lambda X: model(X).sum(), jnp.ones((4, 28, 28, 1))) == 2  # conv1 and conv2
+    assert count_platform_choices(lambda X: model(X).sum(), jnp.ones((4, 28, 28, 1), jnp.float32)) == 2  # conv1 and conv2
     # The gradient of the parameters runs no convolution but blocked ones: conv1 in blocks of 4
     # (7x7x16 -> 6x6x96, and its kernel gradient), conv2 in blocks of 2 (6x6x24 -> 4x4x64, and
     # its kernel and input gradients).
-    assert convolutions_for_the_cpu(nnx.grad(lambda model, X: model(X).sum()), model, jnp.ones((4, 28, 28, 1))) == [
+    gradient = nnx.grad(lambda model, X: model(X).sum())
+    assert convolutions_for_the_cpu(gradient, model, jnp.ones((4, 28, 28, 1), jnp.float32)) == [
         "4x4x4x64 * 3x3x24x64 -> 4x6x6x24", "4x6x6x24 * 3x3x24x64 -> 4x4x4x64", "4x6x6x24 * 4x4x4x64 -> 3x3x24x64",
         "4x7x7x16 * 2x2x16x96 -> 4x6x6x96", "4x7x7x16 * 4x6x6x96 -> 2x2x16x96"]
     # Arguments LeNet does not use go to lax.conv_general_dilated untouched; so does float64, for
