@@ -19,9 +19,9 @@ import numpy as np
 
 from common import page, report
 from common.data import DataError, load_fashion_mnist, shard_bounds
-from common.harness import (IMPLEMENTATIONS, MODES, data_parallel_module, parse_implementations, run_implementation,
-                            select_devices)
-from common.init import PARAMETER_NAMES, canonical_weights
+from common.harness import (IMPLEMENTATIONS, MODES, PRECISIONS, data_parallel_module, parse_implementations,
+                            run_implementation, select_devices)
+from common.init import PARAMETER_NAMES, SHAPING_PARAMETER_NAMES, canonical_weights
 from common.parallel import DataParallelError, launch_environment, launch_local_workers, pytorch_worker
 
 TRAIN_EXAMPLES = 60000  # Fashion-MNIST's training set
@@ -84,8 +84,11 @@ def parse_args(argv=None):
                         help="seed of the initial weights and of each epoch's batch order")
     parser.add_argument("--impls", type=implementation_list, default=",".join(IMPLEMENTATIONS),
                         help=f"comma-separated implementations, from: {', '.join(IMPLEMENTATIONS)}")
-    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
-                        help="floating-point type of weights and computation")
+    parser.add_argument("--dtype", choices=tuple(PRECISIONS), default="float32",
+                        help="floating-point type of weights and computation; bf16-mixed: float32 parameters, "
+                             "optimizer state and batch-norm statistics, convolutions and matrix products in "
+                             "bfloat16 (torch.autocast; Flax's dtype/param_dtype), and every implementation "
+                             "trained again in float32 to measure the drift against")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: a CUDA GPU for each framework that sees one, else the CPU")
     parser.add_argument("--tf32", action="store_true",
@@ -137,7 +140,7 @@ def parse_args(argv=None):
     if args.bench and args.bench_batches >= full_batches:
         parser.error(f"--bench-batches {args.bench_batches}: an epoch has only {full_batches} full batches "
                      f"of {args.batch_size}; choose fewer")
-    largest = float(np.finfo(args.dtype).max)
+    largest = float(np.finfo(PRECISIONS[args.dtype][0]).max)
     if args.lr > largest:
         parser.error(f"--lr {args.lr:g} is beyond the largest {args.dtype} ({largest:.3g})")
     try:
@@ -177,10 +180,21 @@ def divergence(snapshots, names):
             "pair": [a, b],
             "max_abs_param_diff": [max_abs_difference(snapshots[a][e]["weights"], snapshots[b][e]["weights"],
                                                       PARAMETER_NAMES) for e in epochs],
+            # Without the biases that batch norm cancels (common/init.py): under bf16-mixed, rounding
+            # noise walks them furthest, and they change no output.
+            "max_abs_shaping_param_diff": [max_abs_difference(snapshots[a][e]["weights"], snapshots[b][e]["weights"],
+                                                              SHAPING_PARAMETER_NAMES) for e in epochs],
             "max_abs_test_logit_diff": [float(np.max(np.abs(snapshots[a][e]["logits"] - snapshots[b][e]["logits"])))
                                         for e in epochs],
         })
     return pairs
+
+
+def drift_from_reference(snapshots, reference_snapshots, names):
+    """For each implementation, the max abs difference of its parameters and test logits from its
+    own float32 run's, per epoch."""
+    return [{"impl": name, **divergence({name: snapshots[name], "float32": reference_snapshots[name]},
+                                        [name, "float32"])[0]} for name in names]
 
 
 def not_run_reason(name, args, devices):
@@ -243,7 +257,7 @@ def main(argv=None):
         return 0
     launch = launch_environment()
     reports = launch is None or launch.rank == 0  # under torchrun, worker 0 reports
-    dtype = np.dtype(args.dtype)
+    dtype = np.dtype(PRECISIONS[args.dtype][0])  # the parameters'
     workers = {}
     if args.data_parallel > 1:
         # torch.distributed's C++ side logs each failed connection at length; the error says it in a line.
@@ -277,11 +291,51 @@ def main(argv=None):
     if reports:
         report.remove_stale_results(args.out)
 
+    if reports:
+        for name, reason in reasons.items():
+            print(f"{name}: not run: {reason}", file=sys.stderr)
     weights = canonical_weights(args.seed, dtype)
+    runs, snapshots = train_all(args, launch, weights, data, devices, workers, reasons)
+    reference = None
+    if PRECISIONS[args.dtype][1] is not None:
+        # Mixed precision is measured against the same runs in float32: same weights, same batches.
+        if reports:
+            print(f"\nThe same runs in float32, to measure {args.dtype} against:")
+        float32_settings = argparse.Namespace(**{**vars(args), "dtype": "float32"})
+        reference = train_all(float32_settings, launch, weights, data, devices, workers, reasons)
+    stop_workers(workers)
+    if not reports:
+        return 0
+    ran = [name for name in args.impls if "not_run" not in runs[name]]
+    results = {
+        "config": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+                   "dtype": args.dtype, "tf32": args.tf32, "impls": args.impls, "device": args.device,
+                   "mode": args.mode, "max_batches": args.max_batches,
+                   "precision": {"parameters": PRECISIONS[args.dtype][0],
+                                 "computation": PRECISIONS[args.dtype][1] or PRECISIONS[args.dtype][0],
+                                 "batch_norm_statistics": PRECISIONS[args.dtype][0]},
+                   "data_parallel": {"workers": args.data_parallel, "bn_stats": args.bn_stats,
+                                     "started_by": "torchrun" if launch else "compare.py"}
+                   if args.data_parallel > 1 else None},
+        "environment": report.environment(devices),
+        "runs": {name: runs[name] for name in args.impls},
+        "divergence": divergence(snapshots, ran),
+    }
+    if reference is not None:
+        reference_runs, reference_snapshots = reference
+        results["float32_reference"] = {"runs": {name: reference_runs[name] for name in args.impls},
+                                        "drift": drift_from_reference(snapshots, reference_snapshots, ran)}
+    report.print_report(results)
+    paths = report.write_all(results, args.out)
+    print(f"\nwrote {', '.join(paths)}")
+    return 0
+
+
+def train_all(args, launch, weights, data, devices, workers, reasons):
+    """Every implementation trained as compare.py's flags say: ({name: its entry of results.json},
+    {name: its snapshots}); the names in `reasons` are reported as not run."""
     runs, snapshots = {}, {}
     for name, reason in reasons.items():
-        if reports:
-            print(f"{name}: not run: {reason}", file=sys.stderr)
         runs[name], snapshots[name] = {"not_run": reason}, []
     # Without torchrun, PyTorch's workers are new processes, started together for all its implementations.
     local_pytorch = [name for name in args.impls if name not in runs and IMPLEMENTATIONS[name][0] == "pytorch"
@@ -298,25 +352,7 @@ def main(argv=None):
             framework = IMPLEMENTATIONS[name][0]
             runs[name], snapshots[name] = run_implementation(name, weights, data, args, devices[framework],
                                                              workers.get(framework))
-    stop_workers(workers)
-    if not reports:
-        return 0
-    ran = [name for name in args.impls if "not_run" not in runs[name]]
-    results = {
-        "config": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-                   "dtype": args.dtype, "tf32": args.tf32, "impls": args.impls, "device": args.device,
-                   "mode": args.mode, "max_batches": args.max_batches,
-                   "data_parallel": {"workers": args.data_parallel, "bn_stats": args.bn_stats,
-                                     "started_by": "torchrun" if launch else "compare.py"}
-                   if args.data_parallel > 1 else None},
-        "environment": report.environment(devices),
-        "runs": {name: runs[name] for name in args.impls},
-        "divergence": divergence(snapshots, ran),
-    }
-    report.print_report(results)
-    paths = report.write_all(results, args.out)
-    print(f"\nwrote {', '.join(paths)}")
-    return 0
+    return runs, snapshots
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@ Every figure is the median of --repeats timings of --bench-batches full batches,
 warm-up (compilation) that is timed and reported apart. The repeats go in rounds, each timing
 every row once, so that the machine's drift falls on all of them alike.
 
+With --dtype bf16-mixed, each implementation also trains in mixed precision, in both modes, beside
+its float32 rows and in the same rounds, with its ratio to them.
+
 With --data-parallel N, each implementation also trains the eager step over N workers, compared
 with its own eager step on one: JAX's mesh in this process, in the rounds with the others;
 PyTorch's N worker processes, started once for its rows, timed in rounds of their own, after.
@@ -17,6 +20,7 @@ PyTorch's N worker processes, started once for its rows, timed in rounds of thei
 
 import contextlib
 import gzip
+import itertools
 import json
 import os
 import statistics
@@ -27,7 +31,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from common import data
-from common.harness import IMPLEMENTATIONS, data_parallel_module, framework_of, host_batch_step, select_devices, start_run
+from common.harness import (IMPLEMENTATIONS, PRECISIONS, data_parallel_module, framework_of, host_batch_step,
+                            select_devices, start_run)
 from common.parallel import launch_local_workers
 
 WARMUP_BATCHES = 3
@@ -106,10 +111,11 @@ def chapter_baseline(norm, weights, lr, batch_size, steps, data_dir, device):
 
 
 def implementation_timer(name, mode, weights, train_images, train_labels, lr, batch_size, steps, device,
-                         workers=None, bn_stats="global"):
+                         workers=None, bn_stats="global", precision="float32"):
     """One implementation in one mode, warmed up: (warm-up seconds, a function that times one
     repeat of `steps` batches and returns examples/sec). With `workers`: the eager step over them."""
-    run = start_run(name, weights, lr, device, mode, train_images, train_labels, workers, bn_stats)
+    run = start_run(name, weights, lr, device, mode, train_images, train_labels, workers, bn_stats,
+                    PRECISIONS[precision][1])
     module = run.module
     if mode == "eager":
         # As compare.py's eager loop: the step bound to the model, or every worker's step.
@@ -181,7 +187,9 @@ def benchmark(args, weights, dataset, devices, workers=None, not_run=None, modes
     norms = sorted({IMPLEMENTATIONS[name][1] for name in args.impls}, key=["scratch", "builtin"].index)
     parallel = [name for name in args.impls if args.data_parallel > 1 and name not in not_run]
     in_process = [name for name in parallel if IMPLEMENTATIONS[name][0] in workers]
-    timings = (len(norms) + len(args.impls) * len(modes) + len(in_process)) * (1 + args.repeats)
+    # float32 always; mixed precision beside it when asked (float64 is not benchmarked).
+    precisions = ("float32", "bf16-mixed") if args.dtype == "bf16-mixed" else ("float32",)
+    timings = (len(norms) + len(args.impls) * len(modes) * len(precisions) + len(in_process)) * (1 + args.repeats)
     progress = tqdm(total=timings, desc="benchmark", unit="timing", disable=args.no_progress)
     torch_module = framework_of("torch-scratch")
     # The chapter's loop runs in PyTorch, whatever is compared: its device, chosen as compare.py
@@ -192,18 +200,19 @@ def benchmark(args, weights, dataset, devices, workers=None, not_run=None, modes
         timers.append(chapter_baseline(norm, weights, args.lr, args.batch_size, args.bench_batches, args.data_dir,
                                        torch_device))
         rows.append({"implementation": f"chapter loop ({norm})", "mode": "d2l train_ch6", "norm": norm,
-                     "device": torch_module.device_description(torch_device), "compile_seconds": None})
+                     "dtype": "float32", "device": torch_module.device_description(torch_device),
+                     "compile_seconds": None})
         progress.update()
-    for name in args.impls:
+    for name, mode, precision in itertools.product(args.impls, modes, precisions):
         framework, norm = IMPLEMENTATIONS[name]
-        for mode in modes:
-            warmup, timer = implementation_timer(name, mode, weights, train_images, train_labels, args.lr,
-                                                 args.batch_size, args.bench_batches, devices[framework])
-            timers.append(timer)
-            rows.append({"implementation": name, "mode": mode, "norm": norm,
-                         "device": framework_of(name).device_description(devices[framework]),
-                         "compile_seconds": warmup})
-            progress.update()
+        warmup, timer = implementation_timer(name, mode, weights, train_images, train_labels, args.lr,
+                                             args.batch_size, args.bench_batches, devices[framework],
+                                             precision=precision)
+        timers.append(timer)
+        rows.append({"implementation": name, "mode": mode, "norm": norm, "dtype": precision,
+                     "device": framework_of(name).device_description(devices[framework]),
+                     "compile_seconds": warmup})
+        progress.update()
     for name in in_process:
         framework, norm = IMPLEMENTATIONS[name]
         its_workers = workers[framework]
@@ -234,12 +243,17 @@ def benchmark(args, weights, dataset, devices, workers=None, not_run=None, modes
     for row in rows:
         row["examples_per_sec"] = statistics.median(row["repeats"])
     baseline = {row["norm"]: row["examples_per_sec"] for row in rows if row["mode"] == "d2l train_ch6"}
-    one_worker = {row["implementation"]: row["examples_per_sec"] for row in rows if row["mode"] == "eager"}
+    one_worker = {row["implementation"]: row["examples_per_sec"] for row in rows
+                  if row["mode"] == "eager" and row["dtype"] == "float32"}
+    float32 = {(row["implementation"], row["mode"]): row["examples_per_sec"] for row in rows
+               if row["dtype"] == "float32"}
     for row in rows:
         row["ratio_to_baseline"] = row["examples_per_sec"] / baseline[row.pop("norm")]
         if row.pop("workers", 1) > 1:
             row["ratio_to_one_worker"] = row["examples_per_sec"] / one_worker[row["implementation"]]
-    return {"config": {"batch_size": args.batch_size, "lr": args.lr, "dtype": "float32", "tf32": args.tf32,
+        if row["dtype"] != "float32":
+            row["ratio_to_float32"] = row["examples_per_sec"] / float32[row["implementation"], row["mode"]]
+    return {"config": {"batch_size": args.batch_size, "lr": args.lr, "dtype": "/".join(precisions), "tf32": args.tf32,
                        "bench_batches": args.bench_batches, "repeats": args.repeats, "impls": args.impls,
                        "baseline_workers": BASELINE_WORKERS, "data_parallel": args.data_parallel,
                        "bn_stats": args.bn_stats if args.data_parallel > 1 else None, "not_run": not_run,
@@ -250,17 +264,21 @@ def benchmark(args, weights, dataset, devices, workers=None, not_run=None, modes
 
 def data_parallel_row(name, args, device, warmup, repeats=None):
     return {"implementation": name, "mode": f"eager, {args.data_parallel} workers", "norm": IMPLEMENTATIONS[name][1],
-            "workers": args.data_parallel, "device": device, "compile_seconds": warmup,
+            "dtype": "float32", "workers": args.data_parallel, "device": device, "compile_seconds": warmup,
             **({"repeats": repeats} if repeats is not None else {})}
 
 
 def print_table(results):
-    header = ("implementation", "mode", "examples/sec", "x chapter loop", "x 1 worker", "warm-up s", "device")
+    mixed = any("ratio_to_float32" in row for row in results["rows"])
+    header = ("implementation", "mode", "examples/sec", "x chapter loop", "x 1 worker", *(("x float32",) if mixed else ()),
+              "warm-up s", "device")
     lines = [header]
     for row in results["rows"]:
-        lines.append((row["implementation"], row["mode"], f"{row['examples_per_sec']:.1f}",
+        mode = row["mode"] + (f", {row['dtype']}" if mixed else "")
+        lines.append((row["implementation"], mode, f"{row['examples_per_sec']:.1f}",
                       f"{row['ratio_to_baseline']:.2f}",
                       f"{row['ratio_to_one_worker']:.2f}" if "ratio_to_one_worker" in row else "-",
+                      *((f"{row['ratio_to_float32']:.2f}" if "ratio_to_float32" in row else "-",) if mixed else ()),
                       "-" if row["compile_seconds"] is None else f"{row['compile_seconds']:.2f}", row["device"]))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     print("\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines))
@@ -268,7 +286,8 @@ def print_table(results):
     arithmetic = f"{config['dtype']}{' (TF32 allowed)' if config['tf32'] else ''}"
     print(f"(median of {config['repeats']} repeats of {config['bench_batches']} batches of {config['batch_size']}, "
           f"{arithmetic}, taken in rounds over all rows; warm-up timed apart; 'x chapter loop' is against the "
-          "loop with the same batch norm, 'x 1 worker' against the same implementation's eager step)")
+          "loop with the same batch norm, 'x 1 worker' against the same implementation's eager step"
+          + (", 'x float32' against the same implementation and mode in float32)" if mixed else ")"))
     if config["data_parallel"] > 1:
         print(f"({config['data_parallel']} workers, {config['bn_stats']} batch-norm statistics; PyTorch's "
               "data-parallel rows were timed in their worker processes, after the other rows)")

@@ -32,6 +32,14 @@ PARAMETER_NAMES = tuple(
     for name, kind, _ in LAYERS
     for field in (("gamma", "beta") if kind == "batch_norm" else ("weight", "bias"))
 )
+# The biases of the layers that feed a batch-norm layer: it subtracts their batch's mean, and with it
+# the bias, so their exact gradient is 0. What they receive is rounding noise (small in float32; in
+# bfloat16, enough for lr 1.0 to walk them far), and they change no output.
+BIASES_BEFORE_BATCH_NORM = tuple(
+    f"{name}.bias" for (name, _, _), (_, next_kind, _) in zip(LAYERS, LAYERS[1:]) if next_kind == "batch_norm"
+)
+# The parameters that shape the outputs: all but those biases.
+SHAPING_PARAMETER_NAMES = tuple(name for name in PARAMETER_NAMES if name not in BIASES_BEFORE_BATCH_NORM)
 MOVING_STAT_NAMES = tuple(
     f"{name}.{field}" for name in BATCH_NORM_LAYERS for field in ("moving_mean", "moving_var")
 )

@@ -63,15 +63,34 @@ def print_report(results):
         if not entry["max_abs_param_diff"]:
             print(f"  {a} vs {b}: no epoch to compare (a run diverged in its first epoch)")
             continue
-        params = " ".join(f"{value:.1e}" for value in entry["max_abs_param_diff"])
-        logits = " ".join(f"{value:.1e}" for value in entry["max_abs_test_logit_diff"])
-        print(f"  {a} vs {b}\n    parameters:  {params}\n    test logits: {logits}")
+        print(f"  {a} vs {b}\n{drift_lines(entry)}")
     if any("torch-builtin" in entry["pair"] for entry in results["divergence"]):
         print("  (torch-builtin's test logits also differ because nn.BatchNorm keeps an unbiased\n"
               "   running variance, n/(n-1) times the others'; the parameters are unaffected)")
+    print("  (parameters*: without the biases of the layers before each batch norm, which cancels them:\n"
+          "   their gradient is rounding noise, and they change no output)")
+    reference = results.get("float32_reference")
+    if reference:
+        print(f"\nHow far {results['config']['dtype']} drifts from each implementation's own float32 run "
+              "(max abs difference, after each epoch), and where the float32 run ended:")
+        for entry in reference["drift"]:
+            name, float32_run = entry["impl"], reference["runs"][entry["impl"]]
+            last = float32_run["epochs"][-1] if float32_run.get("epochs") else None
+            ended = (f"loss {last['train_loss']:.3f}, train acc {last['train_acc']:.3f}, test acc {last['test_acc']:.3f}"
+                     if last else "no epoch")
+            print(f"  {name}\n{drift_lines(entry)}\n    float32 run: {ended}")
 
     print()
     print(summary_table(results))
+
+
+def drift_lines(entry):
+    """One pair's (or one implementation's against float32) drift after each epoch, three lines."""
+    def values(key):
+        return " ".join(f"{value:.1e}" for value in entry[key])
+    return (f"    parameters:  {values('max_abs_param_diff')}\n"
+            f"    parameters*: {values('max_abs_shaping_param_diff')}\n"
+            f"    test logits: {values('max_abs_test_logit_diff')}")
 
 
 def format_vector(values):
@@ -179,7 +198,9 @@ def plot_curves(results, out):
 def plot_divergence(results, out):
     """Per pair, the max abs difference of parameters and of test logits per epoch, log scale."""
     figure, axes = plt.subplots(1, 2, figsize=(13, 4.5), constrained_layout=True)
-    for axis, key, title in ((axes[0], "max_abs_param_diff", "parameters"),
+    # The parameters but the biases that batch norm cancels (common/init.py): under bf16-mixed,
+    # rounding noise walks those furthest, and they change no output.
+    for axis, key, title in ((axes[0], "max_abs_shaping_param_diff", "parameters, but the biases batch norm cancels"),
                              (axes[1], "max_abs_test_logit_diff", "test-set logits (inference mode)")):
         # Six implementations make 15 pairs: 20 colours, so that no two pairs share a line's look.
         colours = plt.get_cmap("tab20").colors
@@ -187,6 +208,12 @@ def plot_divergence(results, out):
             values = [max(value, LOG_FLOOR) for value in entry[key]]
             axis.plot(range(1, len(values) + 1), values, marker="o", color=colours[index % len(colours)],
                       label=" vs ".join(entry["pair"]))
+        # Under mixed precision, each implementation against its own float32 run: dashed.
+        reference = results.get("float32_reference", {}).get("drift", [])
+        for index, entry in enumerate(reference):
+            values = [max(value, LOG_FLOOR) for value in entry[key]]
+            axis.plot(range(1, len(values) + 1), values, marker="x", linestyle="--", color=f"C{index % 10}",
+                      label=f"{entry['impl']} vs its float32 run")
         if any(value == 0 for entry in results["divergence"] for value in entry[key]):
             axis.annotate(f"exactly equal (0), drawn at {LOG_FLOOR:.0e}", (0.01, LOG_FLOOR),
                           xycoords=("axes fraction", "data"), xytext=(0, 6), textcoords="offset points", fontsize=8)
@@ -194,6 +221,7 @@ def plot_divergence(results, out):
         axis.set_title(f"max abs difference: {title}")
         axis.set_xlabel("epoch")
         axis.grid(alpha=0.3, which="both")
-    if results["divergence"]:
+    if results["divergence"] or results.get("float32_reference"):
         axes[0].legend(fontsize=8)
+    figure.suptitle(f"How far the implementations drift apart ({results['config']['dtype']})")
     return save(figure, out, DIVERGENCE)

@@ -165,7 +165,10 @@ def test_main_run_config_and_environment(main_run):
     _, _, results = main_run
     assert results["config"] == {"epochs": EPOCHS, "batch_size": BATCH_SIZE, "lr": 1.0, "seed": 0,
                                  "dtype": "float32", "tf32": False, "impls": IMPLS, "device": "cpu", "mode": "eager",
-                                 "max_batches": MAX_BATCHES, "data_parallel": None}
+                                 "max_batches": MAX_BATCHES, "data_parallel": None,
+                                 "precision": {"parameters": "float32", "computation": "float32",
+                                               "batch_norm_statistics": "float32"}}
+    assert "float32_reference" not in results  # only mixed precision trains a second time
     environment = results["environment"]
     # The subprocess runs this interpreter in this environment: the versions are ours.
     assert environment["python"] == platform.python_version()
@@ -225,8 +228,11 @@ def test_main_run_divergence(main_run):
     divergence = results["divergence"]
     assert [entry["pair"] for entry in divergence] == PAIRS
     for entry in divergence:
-        assert set(entry) == {"pair", "max_abs_param_diff", "max_abs_test_logit_diff"}
-        for key in ("max_abs_param_diff", "max_abs_test_logit_diff"):
+        assert set(entry) == {"pair", "max_abs_param_diff", "max_abs_shaping_param_diff", "max_abs_test_logit_diff"}
+        # The shaping parameters are some of the parameters.
+        assert all(shaping <= every for shaping, every in zip(entry["max_abs_shaping_param_diff"],
+                                                              entry["max_abs_param_diff"])), entry
+        for key in ("max_abs_param_diff", "max_abs_shaping_param_diff", "max_abs_test_logit_diff"):
             values = entry[key]
             assert len(values) == EPOCHS, (entry["pair"], key)
             assert all(is_finite_number(value) and value >= 0 for value in values), (entry["pair"], key, values)
@@ -311,6 +317,35 @@ def test_main_run_report(main_run):
 # ---------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def mixed_precision_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bf16-mixed")
+    process = completed(run_compare("--impls", "torch-builtin,flax-scratch", "--dtype", "bf16-mixed", "--epochs", 1,
+                                    "--max-batches", 3, "--batch-size", BATCH_SIZE, "--no-progress", "--device", "cpu",
+                                    out=out))
+    return process, load_results(out)
+
+
+def test_mixed_precision_run_records_its_precision_and_drift_from_float32(mixed_precision_run, main_run):
+    """--dtype bf16-mixed trains each implementation in bfloat16 and again in float32, and records
+    the drift of each from its own float32 run; that float32 run is the main run's, number for number."""
+    process, results = mixed_precision_run
+    assert results["config"]["dtype"] == "bf16-mixed"
+    assert results["config"]["precision"] == {"parameters": "float32", "computation": "bfloat16",
+                                              "batch_norm_statistics": "float32"}
+    reference = results["float32_reference"]
+    _, _, main_results = main_run
+    for name in ("torch-builtin", "flax-scratch"):
+        assert reference["runs"][name]["epochs"][0]["train_loss"] == main_results["runs"][name]["epochs"][0]["train_loss"]
+        assert results["runs"][name]["epochs"][0]["train_loss"] != main_results["runs"][name]["epochs"][0]["train_loss"]
+    drift = {entry["impl"]: entry for entry in reference["drift"]}
+    assert set(drift) == {"torch-builtin", "flax-scratch"}
+    for entry in drift.values():
+        # bfloat16's rounding, not float32's (1e-6 after 3 steps), and not a different model (> 1).
+        assert 1e-4 < entry["max_abs_param_diff"][0] < 1.0
+    assert "drifts from each implementation's own float32 run" in process.stdout
+
+
 def test_float64_frameworks_agree(float64_run):
     results = float64_run
     assert results["config"]["dtype"] == "float64"
@@ -382,7 +417,8 @@ def test_diverged_run_is_reported_and_recorded(diverged_run):
         assert re.search(rf"^{re.escape(name)}\s.*DIVERGED at step {step}$", process.stdout, re.MULTILINE)
     # Both were on the same batches from the same weights: the same step.
     assert results["runs"]["torch-builtin"]["diverged_at_step"] == results["runs"]["flax-scratch"]["diverged_at_step"]
-    assert results["divergence"] == [{"pair": names, "max_abs_param_diff": [], "max_abs_test_logit_diff": []}]
+    assert results["divergence"] == [{"pair": names, "max_abs_param_diff": [], "max_abs_shaping_param_diff": [],
+                                      "max_abs_test_logit_diff": []}]
     for name in ("curves.png", "curves.svg", "divergence.png", "divergence.svg"):
         assert (out / name).stat().st_size > 0
 
@@ -584,28 +620,38 @@ def test_compiled_mode_trains_the_same_batches(tmp_path, main_run):
 
 
 def test_benchmark_writes_every_figure_and_its_ratio(tmp_path):
-    """With --data-parallel 2: every row of one worker, and each implementation's eager step over
-    2 workers (PyTorch's in processes of their own). Batches of 64, as the compiled-mode run above,
-    whose compiled PyTorch graph the benchmark finds in TorchInductor's cache."""
+    """With --data-parallel 2 and --dtype bf16-mixed: every row of one worker in float32 and in mixed
+    precision, and each implementation's eager step over 2 workers (PyTorch's in processes of their
+    own). Batches of 64, as the compiled-mode run above, whose compiled PyTorch graph the benchmark
+    finds in TorchInductor's cache."""
     out = tmp_path / "out"
     process = completed(run_compare("--bench", "--impls", "torch-scratch,flax-scratch", "--batch-size", BATCH_SIZE,
                                     "--bench-batches", 2, "--repeats", 1, "--data-parallel", 2, "--no-progress",
-                                    "--device", "cpu", out=out))
+                                    "--dtype", "bf16-mixed", "--device", "cpu", out=out))
     bench = json.loads((out / "bench.json").read_text())
-    rows = {(row["implementation"], row["mode"]): row for row in bench["rows"]}
-    assert set(rows) == {("chapter loop (scratch)", "d2l train_ch6"), ("torch-scratch", "eager"),
-                         ("torch-scratch", "compiled"), ("flax-scratch", "eager"), ("flax-scratch", "compiled"),
-                         ("torch-scratch", "eager, 2 workers"), ("flax-scratch", "eager, 2 workers")}
-    baseline = rows[("chapter loop (scratch)", "d2l train_ch6")]["examples_per_sec"]
-    for (name, mode), row in rows.items():
+    rows = {(row["implementation"], row["mode"], row["dtype"]): row for row in bench["rows"]}
+    assert len(rows) == len(bench["rows"])
+    single = {(name, mode, dtype) for name in ("torch-scratch", "flax-scratch") for mode in ("eager", "compiled")
+              for dtype in ("float32", "bf16-mixed")}
+    assert set(rows) == {("chapter loop (scratch)", "d2l train_ch6", "float32"), *single,
+                         ("torch-scratch", "eager, 2 workers", "float32"), ("flax-scratch", "eager, 2 workers", "float32")}
+    baseline = rows[("chapter loop (scratch)", "d2l train_ch6", "float32")]["examples_per_sec"]
+    for (name, mode, dtype), row in rows.items():
         assert row["examples_per_sec"] > 0 and len(row["repeats"]) == 1, (name, mode)
         assert row["ratio_to_baseline"] == pytest.approx(row["examples_per_sec"] / baseline), (name, mode)
         assert row["device"] == ("2 x cpu" if "workers" in mode else "cpu")
         if "workers" in mode:
-            one_worker = rows[(name, "eager")]["examples_per_sec"]
+            one_worker = rows[(name, "eager", "float32")]["examples_per_sec"]
             assert row["ratio_to_one_worker"] == pytest.approx(row["examples_per_sec"] / one_worker), name
         else:
             assert "ratio_to_one_worker" not in row
+        if dtype == "bf16-mixed":
+            float32 = rows[(name, mode, "float32")]["examples_per_sec"]
+            assert row["ratio_to_float32"] == pytest.approx(row["examples_per_sec"] / float32), (name, mode)
+        else:
+            assert "ratio_to_float32" not in row
+    assert bench["config"]["dtype"] == "float32/bf16-mixed"
+    assert "x float32" in process.stdout and "eager, bf16-mixed" in process.stdout
     assert bench["config"]["data_parallel"] == 2 and bench["config"]["bn_stats"] == "global"
     assert "x chapter loop" in process.stdout and "chapter loop (scratch)" in process.stdout
     assert "x 1 worker" in process.stdout

@@ -18,9 +18,9 @@ from torch.utils._pytree import tree_leaves
 
 from common.data import train_batches
 from common.harness import IMPLEMENTATIONS, framework_of
-from common.init import PARAMETER_NAMES, WEIGHT_NAMES, canonical_weights
+from common.init import SHAPING_PARAMETER_NAMES, WEIGHT_NAMES, canonical_weights
 from tests.support import NAMES, max_difference
-from tests.tolerances import BF16_FIRST_STEP, BF16_TRAJECTORY_LOSS, BIASES_CANCELLED_BY_BATCH_NORM, assert_close
+from tests.tolerances import BF16_FIRST_STEP, BF16_TRAJECTORY_LOSS, assert_close
 
 # Each batch-norm layer's number of features: an operation over a tensor with that many channels
 # and over every other axis is a batch-norm statistic.
@@ -32,8 +32,6 @@ EXPECTED_FORWARD = {"convolution": {"bfloat16"}, "matrix product": {"bfloat16"},
 EXPECTED_BACKWARD = {"convolution": {"bfloat16"}, "matrix product": {"bfloat16"}}
 
 BF16_STEPS = 5
-# The parameters whose bfloat16 first step is bounded (see tests/tolerances.py).
-SHAPING_PARAMETERS = tuple(key for key in PARAMETER_NAMES if key not in BIASES_CANCELLED_BY_BATCH_NORM)
 
 
 def build(name, compute_dtype="bfloat16", weights=None):
@@ -342,7 +340,7 @@ def test_bfloat16_trajectories_stay_within_their_bound(trajectories_bf16, a, b):
     losses_a, weights_a, _ = trajectories_bf16[a]
     losses_b, weights_b, _ = trajectories_bf16[b]
     assert_close(f"per-step loss, bf16-mixed, {BF16_STEPS} steps", a, losses_a, b, losses_b, BF16_TRAJECTORY_LOSS)
-    first_step = max_difference(weights_a[0], weights_b[0], SHAPING_PARAMETERS)[0]
+    first_step = max_difference(weights_a[0], weights_b[0], SHAPING_PARAMETER_NAMES)[0]
     assert first_step <= BF16_FIRST_STEP, f"parameters after one bf16 step: {a} vs {b} differ by {first_step:.2e}"
 
 
@@ -353,5 +351,5 @@ def test_bfloat16_stays_near_float32(trajectories_bf16, trajectories_float32, na
     float32_losses, float32_weights, _ = trajectories_float32[name]
     assert_close(f"per-step loss, bf16-mixed against float32, {BF16_STEPS} steps", name, losses, "float32",
                  float32_losses[:BF16_STEPS], BF16_TRAJECTORY_LOSS)
-    first_step = max_difference(weights[0], float32_weights[0], SHAPING_PARAMETERS)[0]
+    first_step = max_difference(weights[0], float32_weights[0], SHAPING_PARAMETER_NAMES)[0]
     assert first_step <= BF16_FIRST_STEP, f"{name}: parameters after one step, bf16 vs float32: {first_step:.2e}"

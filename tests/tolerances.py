@@ -57,11 +57,10 @@ def assert_close(quantity, name_a, a, name_b, b, bound):
 # bfloat16 keeps 8 significant bits (its rounding 3.9e-3), and every convolution and matrix product
 # rounds its output to it. After one step at lr 1.0, the parameters of any two implementations, and
 # of each against its own float32 run, differ by at most 4.1e-3 (conv1's kernel), apart from the
-# biases that batch norm cancels (conv1, conv2, fc1, fc2: their exact gradient is 0, and in bfloat16
-# they receive the rounding noise of sums over up to 147,456 cotangents, up to 5e-2 in JAX, 1e-4 in
-# PyTorch; they do not change the loss). 2.4x the measurement:
+# biases that batch norm cancels (common/init.py, BIASES_BEFORE_BATCH_NORM: their exact gradient is
+# 0, and in bfloat16 they receive rounding noise, up to 5e-2 in JAX, 1e-4 in PyTorch, after one
+# step; they change no output). 2.4x the measurement, on SHAPING_PARAMETER_NAMES:
 BF16_FIRST_STEP = 1e-2
-BIASES_CANCELLED_BY_BATCH_NORM = ("conv1.bias", "conv2.bias", "fc1.bias", "fc2.bias")
 # Over the first 5 steps: measured per-step loss differences up to 3.8e-3 between implementations and
 # 6.8e-3 against float32. 3x the latter. Later, lr 1.0 amplifies them (0.15 at step 9, while the loss
 # falls from 2.4 to 1.4): compare.py measures the drift over whole epochs instead.
