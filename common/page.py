@@ -111,6 +111,9 @@ PLACES = {
     "running statistics' dtype": [("lenet.py", "make_batch_norm"), ("lenet.py", "build_lenet")],
     "train-mode batch of one": [("batch_norm.py", "check_input"), ("lenet.py", "check_batch")],
     "float32 on NVIDIA GPUs (Ampere and later)": [("train.py", "allow_tf32")],
+    "mixed precision (bfloat16)": [("lenet.py", "LeNet.__init__"), ("lenet.py", "LeNet.__call__"),
+                                   ("lenet.py", "make_batch_norm"), ("lenet.py", "promote_input_only", "flax"),
+                                   ("batch_norm.py", "batch_norm")],
     # Over several workers
     "batch-norm statistics, as commonly spelled": [("data_parallel.py", "build_lenet")],
     "synchronised built-in": [("lenet.py", "make_batch_norm")],

@@ -222,6 +222,7 @@ def plot_divergence(results, out):
         axis.set_xlabel("epoch")
         axis.grid(alpha=0.3, which="both")
     if results["divergence"] or results.get("float32_reference"):
-        axes[0].legend(fontsize=8)
+        # Beside the plots, not on them: up to 21 lines.
+        axes[1].legend(*axes[0].get_legend_handles_labels(), fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))
     figure.suptitle(f"How far the implementations drift apart ({results['config']['dtype']})")
     return save(figure, out, DIVERGENCE)
