@@ -64,7 +64,7 @@ def check_against_reference(name, batches, gamma, beta, cotangent):
 
 
 @pytest.mark.parametrize("name", list(LAYERS))
-@settings(max_examples=12, deadline=None, derandomize=True)
+@settings(max_examples=8, deadline=None, derandomize=True)
 @given(inputs=layer_inputs())
 def test_layer_matches_numpy_reference(name, inputs):
     check_against_reference(name, *inputs)

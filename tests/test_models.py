@@ -331,7 +331,8 @@ def test_bound_train_step_trains_as_train_step_across_evaluations(name, first_ba
         np.testing.assert_array_equal(bound_weights[key], weights[key], err_msg=key)
 
 
-@pytest.mark.parametrize("name", NAMES)
+# One implementation per framework: the dtype comes from the weights, the same way for both norms.
+@pytest.mark.parametrize("name", ["torch-scratch", "flax-builtin", "linen-scratch"])
 def test_float64_runs_in_float64(name, first_batch):
     images, labels = first_batch
     loss, logits, gradients = one_pass(name, canonical_weights(0, np.float64), images, labels, training=True)
