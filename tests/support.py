@@ -9,20 +9,22 @@ from common.init import MOVING_STAT_NAMES, PARAMETER_NAMES
 NAMES = tuple(IMPLEMENTATIONS)
 
 
-def build(name, weights):
-    """(train module, model) for one implementation, on the CPU, holding `weights`."""
+def build(name, weights, compute_dtype=None):
+    """(train module, model, device) for one implementation, on the CPU, holding `weights`;
+    compute_dtype 'bfloat16': mixed precision (build_lenet's)."""
     module = framework_of(name)
     device = module.select_device("cpu", weights["conv1.weight"].dtype)
-    return module, module.build_lenet(weights, IMPLEMENTATIONS[name][1], device), device
+    return module, module.build_lenet(weights, IMPLEMENTATIONS[name][1], device, compute_dtype=compute_dtype), device
 
 
 def inputs(module, device, images, labels, dtype):
     return module.to_device(to_layout(images, module.LAYOUT), labels, device, dtype)
 
 
-def trajectory(name, weights, train_images, train_labels, steps, batch_size=256, seed=0, lr=1.0):
-    """Train `steps` SGD steps on the shared batch order; per-step loss and weights every step."""
-    module, model, device = build(name, weights)
+def trajectory(name, weights, train_images, train_labels, steps, batch_size=256, seed=0, lr=1.0, compute_dtype=None):
+    """Train `steps` SGD steps on the shared batch order: (per-step losses, weights after every step,
+    (module, model, optimizer))."""
+    module, model, device = build(name, weights, compute_dtype)
     dtype = weights["conv1.weight"].dtype
     optimizer = module.make_optimizer(model, lr)
     train_step = module.bound_train_step(model, optimizer)  # training mode, as compare.py's loop trains
@@ -33,7 +35,7 @@ def trajectory(name, weights, train_images, train_labels, steps, batch_size=256,
         loss_sum, _ = train_step(X, y)
         losses.append(float(loss_sum) / len(labels))
         snapshots.append(module.export_weights(model))
-    return np.array(losses), snapshots, (module, model, device)
+    return np.array(losses), snapshots, (module, model, optimizer)
 
 
 def data_parallel_trajectory(name, weights, workers, bn_stats, train_images, train_labels, steps, batch_size,

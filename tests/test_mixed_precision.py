@@ -16,10 +16,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from common.data import train_batches
-from common.harness import IMPLEMENTATIONS, framework_of
 from common.init import SHAPING_PARAMETER_NAMES, WEIGHT_NAMES, canonical_weights
-from tests.support import NAMES, max_difference
+from tests.support import NAMES, build, max_difference, trajectory
 from tests.tolerances import BF16_FIRST_STEP, BF16_TRAJECTORY_LOSS, assert_close
 
 # Each batch-norm layer's number of features: an operation over a tensor with that many channels
@@ -32,13 +30,6 @@ EXPECTED_FORWARD = {"convolution": {"bfloat16"}, "matrix product": {"bfloat16"},
 EXPECTED_BACKWARD = {"convolution": {"bfloat16"}, "matrix product": {"bfloat16"}}
 
 BF16_STEPS = 5
-
-
-def build(name, compute_dtype="bfloat16", weights=None):
-    module = framework_of(name)
-    device = module.select_device("cpu", np.float32)
-    weights = canonical_weights(0, np.float32) if weights is None else weights
-    return module, module.build_lenet(weights, IMPLEMENTATIONS[name][1], device, compute_dtype=compute_dtype), device
 
 
 # --- PyTorch: the operations as dispatched -------------------------------------------------------
@@ -180,7 +171,7 @@ def jax_operation_types(module, model, images, labels):
 
 
 def operation_types(name, first_batch):
-    module, model, _ = build(name)
+    module, model, _ = build(name, canonical_weights(0, np.float32), "bfloat16")
     images, labels = first_batch
     if module.FRAMEWORK == "pytorch":
         return pytorch_operation_types(model, *module.to_device(images, labels, "cpu", np.float32))
@@ -204,7 +195,7 @@ def test_float32_runs_every_operation_in_float32(first_batch):
     """The same reading of a float32 model finds no bfloat16: the tables above come from the
     precision setting, not from the way they are read."""
     for name in ("torch-builtin", "flax-scratch"):
-        module, model, _ = build(name, compute_dtype=None)
+        module, model, _ = build(name, canonical_weights(0, np.float32))
         images, labels = first_batch
         if module.FRAMEWORK == "pytorch":
             forward, backward = pytorch_operation_types(model, *module.to_device(images, labels, "cpu", np.float32))
@@ -309,19 +300,9 @@ def trajectories_bf16(fashion_mnist):
     """BF16_STEPS steps (lr 1.0, batch 256, the shared order) of every implementation under bf16-mixed:
     {name: (per-step losses, weights after each step, (module, model, optimizer))}."""
     train_images, train_labels, _, _ = fashion_mnist
-    trajectories = {}
-    for name in NAMES:
-        module, model, device = build(name)
-        optimizer = module.make_optimizer(model, 1.0)
-        step = module.bound_train_step(model, optimizer)
-        losses, snapshots = [], []
-        batches = train_batches(train_images, train_labels, 256, seed=0, epoch=1, layout=module.LAYOUT)
-        for _, (images, labels) in zip(range(BF16_STEPS), batches):
-            loss_sum, _ = step(*module.to_device(images, labels, device, np.float32))
-            losses.append(float(loss_sum) / len(labels))
-            snapshots.append(module.export_weights(model))
-        trajectories[name] = np.array(losses), snapshots, (module, model, optimizer)
-    return trajectories
+    weights = canonical_weights(0, np.float32)
+    return {name: trajectory(name, weights, train_images, train_labels, BF16_STEPS, compute_dtype="bfloat16")
+            for name in NAMES}
 
 
 def test_linen_computes_what_nnx_computes_in_bfloat16(trajectories_bf16):
