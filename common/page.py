@@ -701,7 +701,7 @@ def results_view(results, bench, out):
                 view["plots"].append({"id": f"plot-{stem}", "title": title, "svg": inline_svg(path, stem)})
         view["parallel"] = {name: run["data_parallel"] for name, run in results["runs"].items() if "data_parallel" in run}
         view["not_run"] = {name: run["not_run"] for name, run in results["runs"].items() if "not_run" in run}
-        view["unbiased_note"] = any("torch-builtin" in entry["pair"] for entry in results["divergence"])
+        view["unbiased_note"] = report.compares_torch_builtin(results)
     return view
 
 

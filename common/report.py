@@ -64,7 +64,7 @@ def print_report(results):
             print(f"  {a} vs {b}: no epoch to compare (a run diverged in its first epoch)")
             continue
         print(f"  {a} vs {b}\n{drift_lines(entry)}")
-    if any("torch-builtin" in entry["pair"] for entry in results["divergence"]):
+    if compares_torch_builtin(results):
         print("  (torch-builtin's test logits also differ because nn.BatchNorm keeps an unbiased\n"
               "   running variance, n/(n-1) times the others'; the parameters are unaffected)")
     print("  (parameters*: without the biases of the layers before each batch norm, which cancels them:\n"
@@ -82,6 +82,11 @@ def print_report(results):
 
     print()
     print(summary_table(results))
+
+
+def compares_torch_builtin(results):
+    """Whether a pair includes torch-builtin, whose test logits differ by its unbiased running variance."""
+    return any("torch-builtin" in entry["pair"] for entry in results["divergence"])
 
 
 def drift_lines(entry):
