@@ -4,9 +4,11 @@ A handful of tiny runs (a few batches each, on the real Fashion-MNIST) are share
 through module-scoped fixtures: one run of all six implementations for results.json, the plots and
 the printed report; a float64 run; a second run with the same seed and one with another seed; a run
 whose learning rate makes the loss overflow; the main run's settings over two workers, and a float64
-run under torchrun. Every error path is its own cheap run that must stop before training with a
-clear message and leave no results.json behind. One full-size data-parallel run is interrupted with
-SIGINT.
+run under torchrun; the compiled mode, the benchmark and --side-by-side. The shared runs the
+selected tests need all start with the module, two at a time (SharedRuns). Every error path must
+stop before training with a clear message and leave no results.json behind: argparse's in this
+process, the others each in a cheap run of its own. One full-size data-parallel run is interrupted
+with SIGINT.
 
 All training runs pass --device cpu (except the diverging one, which exercises the default 'auto'),
 so that the numbers and the "on cpu" lines hold on a machine with a GPU too.
@@ -25,6 +27,7 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ElementTree
+from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import version
 from pathlib import Path
 
@@ -122,38 +125,142 @@ def jax_compilation_cache(tmp_path_factory):
                        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 
+def compare_command(*args):
+    return ["compare.py", *(str(arg) for arg in args)]
+
+
+def side_by_side_command(folder):
+    """--side-by-side, pointed at a folder without the data set: it needs none."""
+    (folder / "no-data").mkdir()
+    return compare_command("--side-by-side", "--data-dir", folder / "no-data")
+
+
+# The module's shared runs, in the order they start (the tests' order, but the longest chain,
+# compiled then benchmark, early): {fixture: (command after `python`, or a function of the run's
+# folder that gives it; the run it must follow)}. Each writes into its folder's "out".
+SHARED_RUNS = {
+    # All six implementations, float32, seed 0.
+    "main_run": (compare_command(*TINY), None),
+    # --mode compiled on the main run's settings.
+    "compiled_run": (compare_command(*TINY, "--mode", "compiled", "--impls", "torch-scratch,flax-scratch"), None),
+    "mixed_precision_run": (compare_command("--impls", "torch-builtin,flax-scratch", "--dtype", "bf16-mixed",
+                                            "--epochs", 1, "--max-batches", 3, "--batch-size", BATCH_SIZE,
+                                            "--no-progress", "--device", "cpu"), None),
+    # The benchmark on batches of 64, as the compiled run, whose compiled PyTorch graph it then
+    # finds in TorchInductor's cache.
+    "bench_run": (compare_command("--bench", "--impls", "torch-scratch,flax-scratch", "--batch-size", BATCH_SIZE,
+                                  "--bench-batches", 2, "--repeats", 1, "--data-parallel", 2, "--no-progress",
+                                  "--dtype", "bf16-mixed", "--device", "cpu"), "compiled_run"),
+    "float64_run": (compare_command("--impls", "torch-scratch,flax-scratch", "--dtype", "float64", "--epochs", 1,
+                                    "--max-batches", 3, "--batch-size", BATCH_SIZE, "--no-progress", "--device", "cpu"),
+                    None),
+    # Two of the main run's six again, after it: they load the executables it compiled.
+    "same_seed_run": (compare_command(*TINY, "--impls", "torch-builtin,linen-builtin"), "main_run"),
+    # torch-scratch alone with --seed 1, otherwise the main run's settings.
+    "single_seed1_run": (compare_command(*TINY, "--impls", "torch-scratch", "--seed", 1), None),
+    # lr 1e38 overflows float32 in the second step (measured; lr 1e30 still gives finite losses).
+    "diverged_run": (compare_command("--lr", "1e38", "--max-batches", 5, "--epochs", 1, "--batch-size", BATCH_SIZE,
+                                     "--impls", "torch-builtin,flax-scratch", "--no-progress"), None),
+    # The main run's settings over 2 workers: PyTorch's two processes, JAX's mesh of two CPU devices.
+    "data_parallel_run": (compare_command(*TINY, "--data-parallel", 2,
+                                          "--impls", "torch-scratch,torch-builtin,flax-scratch"), None),
+    # The float64 run's settings, in two processes started by torchrun.
+    "torchrun_run": (["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                      *compare_command("--impls", "torch-scratch,flax-scratch", "--dtype", "float64", "--epochs", 1,
+                                       "--max-batches", 3, "--batch-size", BATCH_SIZE, "--no-progress",
+                                       "--device", "cpu")], None),
+    "side_by_side_run": (side_by_side_command, None),
+}
+# Runs at once: this machine's two cores. Each run keeps to about one (OMP_NUM_THREADS=1 above):
+# measured, this module took 186 s with two at a time, 351 s with one run after another.
+RUNS_AT_ONCE = 2
+
+
+class SharedRuns:
+    """Starts the shared runs the selected tests of this module need, all as the module starts,
+    RUNS_AT_ONCE at a time in SHARED_RUNS' order; result() waits for one."""
+
+    def __init__(self, folders):
+        self.folders = folders
+        self.pool = ThreadPoolExecutor(RUNS_AT_ONCE)
+        self.started = {}  # name -> (future, out folder)
+        self.processes = []
+
+    def start(self, name):
+        if name not in self.started:
+            command, after = SHARED_RUNS[name]
+            before = self.start(after) if after else None  # submitted first: it runs first
+            folder = self.folders.mktemp(name)
+            command = command(folder) if callable(command) else command
+            self.started[name] = self.pool.submit(self.run, command, folder / "out", before), folder / "out"
+        return self.started[name][0]
+
+    def run(self, command, out, before):
+        if before is not None:
+            before.exception()  # waits; a failure of that run is its own tests'
+        with subprocess.Popen([sys.executable, *command, "--out", str(out)], cwd=REPO, env=ENVIRONMENT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+            self.processes.append(process)
+            try:
+                stdout, stderr = process.communicate(timeout=RUN_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                raise
+        return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+    def result(self, name):
+        """(CompletedProcess, out folder) of a shared run, once it has ended."""
+        future = self.start(name)
+        return future.result(), self.started[name][1]
+
+    def stop(self):
+        """Runs not yet started are dropped; running ones (a test failed early) are stopped."""
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGINT)  # as Ctrl-C: compare.py stops its workers (tested below)
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shared_runs(request, jax_compilation_cache, tmp_path_factory):
+    runs = SharedRuns(tmp_path_factory)
+    selected = [item for item in request.session.items if item.module is request.module]
+    needed = {name for item in selected for name in item.fixturenames}
+    for name in SHARED_RUNS:
+        if name in needed:
+            runs.start(name)
+    yield runs
+    runs.stop()
+
+
 @pytest.fixture(scope="module")
-def main_run(tmp_path_factory):
+def main_run(shared_runs):
     """All six implementations, float32, seed 0: (CompletedProcess, out folder, results)."""
-    out = tmp_path_factory.mktemp("main")
-    process = completed(run_compare(*TINY, out=out))
-    return process, out, load_results(out)
+    process, out = shared_runs.result("main_run")
+    return completed(process), out, load_results(out)
 
 
 @pytest.fixture(scope="module")
-def float64_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("float64")
-    completed(run_compare("--impls", "torch-scratch,flax-scratch", "--dtype", "float64", "--epochs", 1,
-                          "--max-batches", 3, "--batch-size", BATCH_SIZE, "--no-progress", "--device", "cpu",
-                          out=out))
+def float64_run(shared_runs):
+    process, out = shared_runs.result("float64_run")
+    completed(process)
     return load_results(out)
 
 
 @pytest.fixture(scope="module")
-def diverged_run(tmp_path_factory):
-    """lr 1e38 overflows float32 in the second step (measured); lr 1e30 still gives finite losses."""
-    out = tmp_path_factory.mktemp("diverged")
-    process = completed(run_compare("--lr", "1e38", "--max-batches", 5, "--epochs", 1, "--batch-size", BATCH_SIZE,
-                                    "--impls", "torch-builtin,flax-scratch", "--no-progress", out=out))
-    return process, out, load_results(out)
+def diverged_run(shared_runs):
+    process, out = shared_runs.result("diverged_run")
+    return completed(process), out, load_results(out)
 
 
 @pytest.fixture(scope="module")
-def single_seed1_run(tmp_path_factory):
-    """torch-scratch alone with --seed 1, otherwise the main run's settings."""
-    out = tmp_path_factory.mktemp("seed1")
-    process = completed(run_compare(*TINY, "--impls", "torch-scratch", "--seed", 1, out=out))
-    return process, load_results(out)
+def single_seed1_run(shared_runs):
+    process, out = shared_runs.result("single_seed1_run")
+    return completed(process), load_results(out)
 
 
 # ---------------------------------------------------------------------------
@@ -318,12 +425,9 @@ def test_main_run_report(main_run):
 
 
 @pytest.fixture(scope="module")
-def mixed_precision_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bf16-mixed")
-    process = completed(run_compare("--impls", "torch-builtin,flax-scratch", "--dtype", "bf16-mixed", "--epochs", 1,
-                                    "--max-batches", 3, "--batch-size", BATCH_SIZE, "--no-progress", "--device", "cpu",
-                                    out=out))
-    return process, load_results(out)
+def mixed_precision_run(shared_runs):
+    process, out = shared_runs.result("mixed_precision_run")
+    return completed(process), load_results(out)
 
 
 def test_mixed_precision_run_records_its_precision_and_drift_from_float32(mixed_precision_run, main_run):
@@ -361,12 +465,18 @@ def test_float64_frameworks_agree(float64_run):
     assert torch_run["epochs"][0]["test_acc"] == flax_run["epochs"][0]["test_acc"]
 
 
-def test_same_seed_gives_identical_results(main_run, tmp_path):
+@pytest.fixture(scope="module")
+def same_seed_run(shared_runs):
+    process, out = shared_runs.result("same_seed_run")
+    completed(process)
+    return load_results(out)
+
+
+def test_same_seed_gives_identical_results(main_run, same_seed_run):
     """A second run with the same seed (two of the six implementations) repeats every number."""
     _, _, first = main_run
     names = ["torch-builtin", "linen-builtin"]
-    completed(run_compare(*TINY, "--impls", ",".join(names), out=tmp_path))
-    second = load_results(tmp_path)
+    second = same_seed_run
     assert second["config"] == {**first["config"], "impls": names}
     devices = second["environment"].pop("devices")
     assert devices == {framework: first["environment"]["devices"][framework] for framework in ("pytorch", "linen")}
@@ -464,11 +574,27 @@ def assert_refused(process, out, message):
 
 
 @pytest.mark.parametrize(("args", "message"), ARGUMENT_ERRORS, ids=[" ".join(args) for args, _ in ARGUMENT_ERRORS])
-def test_argument_errors(tmp_path, args, message):
+def test_argument_errors(tmp_path, monkeypatch, capsys, args, message):
+    """compare.py's parser, here in the test's process (a process of its own costs a second each;
+    the next test runs one): argparse's usage error, before anything is written."""
+    import compare
     out = tmp_path / "out"
-    process = run_compare(*args, out=out, timeout=60)
-    assert process.returncode == 2  # argparse's usage error
-    assert_refused(process, out, "^compare\\.py: error: " + re.escape(message))
+    monkeypatch.setattr(sys, "argv", ["compare.py", *args, "--out", str(out)])
+    with pytest.raises(SystemExit) as stopped:
+        compare.parse_args()
+    assert stopped.value.code == 2  # argparse's usage error
+    stderr = capsys.readouterr().err
+    assert stderr.startswith("usage: compare.py")
+    assert re.search("^compare\\.py: error: " + re.escape(message), stderr.strip().splitlines()[-1]), stderr
+    assert not out.exists()
+
+
+def test_an_argument_error_ends_the_process_before_training(tmp_path):
+    """As a user meets it: exit status 2, the usage and the error on stderr, nothing trained or written."""
+    out = tmp_path / "out"
+    process = run_compare("--data-parallel", "200", out=out, timeout=60)
+    assert process.returncode == 2
+    assert_refused(process, out, "^compare\\.py: error: --data-parallel 200 with --batch-size 256: ")
     assert process.stderr.startswith("usage: compare.py")
     assert not out.exists()
 
@@ -602,13 +728,16 @@ def is_running(pid):
 # ---------------------------------------------------------------------------
 
 
-def test_compiled_mode_trains_the_same_batches(tmp_path, main_run):
+@pytest.fixture(scope="module")
+def compiled_run(shared_runs):
+    process, out = shared_runs.result("compiled_run")
+    completed(process)
+    return load_results(out)
+
+
+def test_compiled_mode_trains_the_same_batches(compiled_run, main_run):
     """--mode compiled on the main run's settings: the same numbers as eager, within float32 drift."""
-    out = tmp_path / "out"
-    completed(run_compare("--mode", "compiled", "--impls", "torch-scratch,flax-scratch", "--epochs", EPOCHS,
-                          "--max-batches", MAX_BATCHES, "--batch-size", BATCH_SIZE, "--no-progress", "--device", "cpu",
-                          out=out))
-    compiled = load_results(out)
+    compiled = compiled_run
     _, _, eager = main_run
     assert compiled["config"]["mode"] == "compiled"
     for name in ("torch-scratch", "flax-scratch"):
@@ -619,15 +748,17 @@ def test_compiled_mode_trains_the_same_batches(tmp_path, main_run):
     assert max(pair["max_abs_param_diff"]) < 1e-3
 
 
-def test_benchmark_writes_every_figure_and_its_ratio(tmp_path):
+@pytest.fixture(scope="module")
+def bench_run(shared_runs):
+    process, out = shared_runs.result("bench_run")
+    return completed(process), out
+
+
+def test_benchmark_writes_every_figure_and_its_ratio(bench_run):
     """With --data-parallel 2 and --dtype bf16-mixed: every row of one worker in float32 and in mixed
     precision, and each implementation's eager step over 2 workers (PyTorch's in processes of their
-    own). Batches of 64, as the compiled-mode run above, whose compiled PyTorch graph the benchmark
-    finds in TorchInductor's cache."""
-    out = tmp_path / "out"
-    process = completed(run_compare("--bench", "--impls", "torch-scratch,flax-scratch", "--batch-size", BATCH_SIZE,
-                                    "--bench-batches", 2, "--repeats", 1, "--data-parallel", 2, "--no-progress",
-                                    "--dtype", "bf16-mixed", "--device", "cpu", out=out))
+    own)."""
+    process, out = bench_run
     bench = json.loads((out / "bench.json").read_text())
     rows = {(row["implementation"], row["mode"], row["dtype"]): row for row in bench["rows"]}
     assert len(rows) == len(bench["rows"])
@@ -670,12 +801,10 @@ def test_benchmark_writes_every_figure_and_its_ratio(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def data_parallel_run(tmp_path_factory):
+def data_parallel_run(shared_runs):
     """The main run's settings over 2 workers: PyTorch's two processes, JAX's mesh of two CPU devices."""
-    out = tmp_path_factory.mktemp("data-parallel")
-    process = completed(run_compare(*TINY, "--data-parallel", 2, "--impls", "torch-scratch,torch-builtin,flax-scratch",
-                                    out=out))
-    return process, load_results(out)
+    process, out = shared_runs.result("data_parallel_run")
+    return completed(process), load_results(out)
 
 
 def test_data_parallel_run_records_its_workers(data_parallel_run):
@@ -727,18 +856,18 @@ def test_data_parallel_run_trains_as_one_device(data_parallel_run, main_run):
             assert np.max(np.abs(np.subtract(mine["first_bn"][key], theirs["first_bn"][key]))) < FLOAT32_PARAMS
 
 
-def test_compare_under_torchrun_runs_every_framework_across_processes(tmp_path, float64_run):
+@pytest.fixture(scope="module")
+def torchrun_run(shared_runs):
+    process, out = shared_runs.result("torchrun_run")
+    completed(process)
+    return load_results(out)
+
+
+def test_compare_under_torchrun_runs_every_framework_across_processes(torchrun_run, float64_run):
     """torchrun starts compare.py twice: each process is one worker of torch.distributed and of
     jax.distributed (CPU collectives over gloo); worker 0 reports. In float64, the single-device
     float64 run's numbers within 1e-10, JAX's multi-process mesh included."""
-    out = tmp_path / "out"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "compare.py",
-               "--impls", "torch-scratch,flax-scratch", "--dtype", "float64", "--epochs", "1",
-               "--max-batches", "3", "--batch-size", str(BATCH_SIZE), "--no-progress", "--device", "cpu",
-               "--out", str(out)]
-    completed(subprocess.run(command, cwd=REPO, env=ENVIRONMENT, capture_output=True, text=True,
-                             timeout=RUN_TIMEOUT_S))
-    results = load_results(out)
+    results = torchrun_run
     assert results["config"]["data_parallel"] == {"workers": 2, "bn_stats": "global", "started_by": "torchrun"}
     assert results["runs"]["flax-scratch"]["data_parallel"]["engine"] == (
         "jax.sharding mesh of 2 cpu devices in 2 processes joined by jax.distributed, shard_map")
@@ -792,11 +921,9 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def side_by_side_run(tmp_path_factory):
-    """compare.py --side-by-side, pointed at a folder without the data set: it needs none."""
-    no_data = tmp_path_factory.mktemp("no-data")
-    out = tmp_path_factory.mktemp("side-by-side") / "out"
-    return completed(run_compare("--side-by-side", "--data-dir", no_data, out=out, timeout=120)), out
+def side_by_side_run(shared_runs):
+    process, out = shared_runs.result("side_by_side_run")
+    return completed(process), out
 
 
 @pytest.fixture(scope="module")
