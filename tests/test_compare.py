@@ -250,34 +250,21 @@ def shared_run(name):
     return pytest.fixture(scope="module", name=name)(lambda shared_runs: shared_runs.result(name))
 
 
+def shared_results(name):
+    """A module fixture: the shared run's (CompletedProcess, out folder, results.json); it fails with
+    compare.py's own output where the run did not exit 0."""
+    def fixture(shared_runs):
+        process, out = shared_runs.result(name)
+        return completed(process), out, load_results(out)
+    return pytest.fixture(scope="module", name=name)(fixture)
+
+
 argument_error_run = shared_run("argument_error_run")
 no_data_run = shared_run("no_data_run")
-
-
-@pytest.fixture(scope="module")
-def main_run(shared_runs):
-    """All six implementations, float32, seed 0: (CompletedProcess, out folder, results)."""
-    process, out = shared_runs.result("main_run")
-    return completed(process), out, load_results(out)
-
-
-@pytest.fixture(scope="module")
-def float64_run(shared_runs):
-    process, out = shared_runs.result("float64_run")
-    completed(process)
-    return load_results(out)
-
-
-@pytest.fixture(scope="module")
-def diverged_run(shared_runs):
-    process, out = shared_runs.result("diverged_run")
-    return completed(process), out, load_results(out)
-
-
-@pytest.fixture(scope="module")
-def single_seed1_run(shared_runs):
-    process, out = shared_runs.result("single_seed1_run")
-    return completed(process), load_results(out)
+main_run = shared_results("main_run")
+float64_run = shared_results("float64_run")
+diverged_run = shared_results("diverged_run")
+single_seed1_run = shared_results("single_seed1_run")
 
 
 # ---------------------------------------------------------------------------
@@ -441,16 +428,13 @@ def test_main_run_report(main_run):
 # ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def mixed_precision_run(shared_runs):
-    process, out = shared_runs.result("mixed_precision_run")
-    return completed(process), load_results(out)
+mixed_precision_run = shared_results("mixed_precision_run")
 
 
 def test_mixed_precision_run_records_its_precision_and_drift_from_float32(mixed_precision_run, main_run):
     """--dtype bf16-mixed trains each implementation in bfloat16 and again in float32, and records
     the drift of each from its own float32 run; that float32 run is the main run's, number for number."""
-    process, results = mixed_precision_run
+    process, _, results = mixed_precision_run
     assert results["config"]["dtype"] == "bf16-mixed"
     assert results["config"]["precision"] == {"parameters": "float32", "computation": "bfloat16",
                                               "batch_norm_statistics": "float32"}
@@ -468,7 +452,7 @@ def test_mixed_precision_run_records_its_precision_and_drift_from_float32(mixed_
 
 
 def test_float64_frameworks_agree(float64_run):
-    results = float64_run
+    _, _, results = float64_run
     assert results["config"]["dtype"] == "float64"
     assert list(results["runs"]) == ["torch-scratch", "flax-scratch"]
     [entry] = results["divergence"]
@@ -482,18 +466,14 @@ def test_float64_frameworks_agree(float64_run):
     assert torch_run["epochs"][0]["test_acc"] == flax_run["epochs"][0]["test_acc"]
 
 
-@pytest.fixture(scope="module")
-def same_seed_run(shared_runs):
-    process, out = shared_runs.result("same_seed_run")
-    completed(process)
-    return load_results(out)
+same_seed_run = shared_results("same_seed_run")
 
 
 def test_same_seed_gives_identical_results(main_run, same_seed_run):
     """A second run with the same seed (two of the six implementations) repeats every number."""
     _, _, first = main_run
     names = ["torch-builtin", "linen-builtin"]
-    second = same_seed_run
+    _, _, second = same_seed_run
     assert second["config"] == {**first["config"], "impls": names}
     devices = second["environment"].pop("devices")
     assert devices == {framework: first["environment"]["devices"][framework] for framework in ("pytorch", "linen")}
@@ -506,7 +486,7 @@ def test_same_seed_gives_identical_results(main_run, same_seed_run):
 
 def test_other_seed_gives_other_results(main_run, single_seed1_run):
     _, _, seed0 = main_run
-    _, seed1 = single_seed1_run
+    _, _, seed1 = single_seed1_run
     assert seed1["config"]["seed"] == 1
     a, b = seed0["runs"]["torch-scratch"], seed1["runs"]["torch-scratch"]
     # Other initial weights and another batch order: every loss and every BN parameter moves.
@@ -518,7 +498,7 @@ def test_other_seed_gives_other_results(main_run, single_seed1_run):
 
 
 def test_single_implementation_run_prints_no_warning(single_seed1_run):
-    process, _ = single_seed1_run
+    process, _, _ = single_seed1_run
     assert "Warning" not in process.stderr, process.stderr
 
 
@@ -734,16 +714,12 @@ def is_running(pid):
 # ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def compiled_run(shared_runs):
-    process, out = shared_runs.result("compiled_run")
-    completed(process)
-    return load_results(out)
+compiled_run = shared_results("compiled_run")
 
 
 def test_compiled_mode_trains_the_same_batches(compiled_run, main_run):
     """--mode compiled on the main run's settings: the same numbers as eager, within float32 drift."""
-    compiled = compiled_run
+    _, _, compiled = compiled_run
     _, _, eager = main_run
     assert compiled["config"]["mode"] == "compiled"
     for name in ("torch-scratch", "flax-scratch"):
@@ -806,15 +782,11 @@ def test_benchmark_writes_every_figure_and_its_ratio(bench_run):
 # ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def data_parallel_run(shared_runs):
-    """The main run's settings over 2 workers: PyTorch's two processes, JAX's mesh of two CPU devices."""
-    process, out = shared_runs.result("data_parallel_run")
-    return completed(process), load_results(out)
+data_parallel_run = shared_results("data_parallel_run")
 
 
 def test_data_parallel_run_records_its_workers(data_parallel_run):
-    process, results = data_parallel_run
+    process, _, results = data_parallel_run
     assert results["config"]["data_parallel"] == {"workers": 2, "bn_stats": "global", "started_by": "compare.py"}
     engines = {"torch-scratch": r"torch\.distributed \(gloo\), 2 processes, DistributedDataParallel",
                "flax-scratch": r"jax\.sharding mesh of 2 cpu devices in one process, shard_map"}
@@ -828,7 +800,7 @@ def test_data_parallel_run_records_its_workers(data_parallel_run):
 
 def test_data_parallel_page_shows_the_workers(data_parallel_run):
     """report.html says how each implementation trained: its workers, engine and devices, and why one did not."""
-    process, results = data_parallel_run
+    process, _, results = data_parallel_run
     html = re.sub(r">\s+<", "><", Path(process.stdout.splitlines()[-1].split(", ")[-1]).read_text())
     for name in ("torch-scratch", "flax-scratch"):
         parallel = results["runs"][name]["data_parallel"]
@@ -839,7 +811,7 @@ def test_data_parallel_page_shows_the_workers(data_parallel_run):
 
 def test_sync_batch_norm_is_reported_as_not_run_on_the_cpu(data_parallel_run):
     """One line says why, the other implementations run, and the report and results.json say so."""
-    process, results = data_parallel_run
+    process, _, results = data_parallel_run
     reason = results["runs"]["torch-builtin"]["not_run"]
     assert reason.startswith("nn.SyncBatchNorm trains only on GPUs") and "--bn-stats local" in reason
     assert [line for line in process.stderr.splitlines() if "not run" in line] == [f"torch-builtin: not run: {reason}"]
@@ -850,7 +822,7 @@ def test_sync_batch_norm_is_reported_as_not_run_on_the_cpu(data_parallel_run):
 
 def test_data_parallel_run_trains_as_one_device(data_parallel_run, main_run):
     """Global statistics over 2 workers: the main run's numbers, within float32 drift."""
-    _, results = data_parallel_run
+    _, _, results = data_parallel_run
     _, _, single = main_run
     for name in ("torch-scratch", "flax-scratch"):
         mine, theirs = results["runs"][name], single["runs"][name]
@@ -862,25 +834,22 @@ def test_data_parallel_run_trains_as_one_device(data_parallel_run, main_run):
             assert np.max(np.abs(np.subtract(mine["first_bn"][key], theirs["first_bn"][key]))) < FLOAT32_PARAMS
 
 
-@pytest.fixture(scope="module")
-def torchrun_run(shared_runs):
-    process, out = shared_runs.result("torchrun_run")
-    completed(process)
-    return load_results(out)
+torchrun_run = shared_results("torchrun_run")
 
 
 def test_compare_under_torchrun_runs_every_framework_across_processes(torchrun_run, float64_run):
     """torchrun starts compare.py twice: each process is one worker of torch.distributed and of
     jax.distributed (CPU collectives over gloo); worker 0 reports. In float64, the single-device
     float64 run's numbers within 1e-10, JAX's multi-process mesh included."""
-    results = torchrun_run
+    _, _, results = torchrun_run
+    _, _, single_process = float64_run
     assert results["config"]["data_parallel"] == {"workers": 2, "bn_stats": "global", "started_by": "torchrun"}
     assert results["runs"]["flax-scratch"]["data_parallel"]["engine"] == (
         "jax.sharding mesh of 2 cpu devices in 2 processes joined by jax.distributed, shard_map")
     devices = results["runs"]["flax-scratch"]["data_parallel"]["devices"]
     assert [device.split("/")[0] for device in devices] == ["process 0", "process 1"], devices
     for name in ("torch-scratch", "flax-scratch"):
-        mine, theirs = results["runs"][name], float64_run["runs"][name]
+        mine, theirs = results["runs"][name], single_process["runs"][name]
         assert abs(mine["epochs"][0]["train_loss"] - theirs["epochs"][0]["train_loss"]) <= FLOAT64_DIVERGENCE, name
         assert mine["epochs"][0]["test_acc"] == theirs["epochs"][0]["test_acc"], name
         for key in ("gamma", "beta"):
