@@ -17,7 +17,8 @@ import time
 
 import numpy as np
 
-from common import page, report
+from common.report import console, page
+from common.report import results as saved_results
 from common.data import DataError, load_fashion_mnist, shard_bounds
 from common.harness import (IMPLEMENTATIONS, MODES, PRECISIONS, data_parallel_module, parse_implementations,
                             run_implementation, select_devices)
@@ -280,16 +281,17 @@ def main(argv=None):
     reasons = {name: reason for name, reason in reasons.items() if reason}
     if args.bench:
         from common import bench  # noqa: PLC0415 (torchvision is imported only for the benchmark)
+        from common.report import bench as bench_report  # noqa: PLC0415
         page.remove_stale(args.out)  # an earlier run's page must not pass for this benchmark's
         try:
             results = bench.benchmark(args, canonical_weights(args.seed, np.float32), data, devices, workers, reasons)
         except DataParallelError as error:
             sys.exit(f"error: {error}")
-        bench.print_table(results)
-        print(f"\nwrote {bench.write(results, args.out)}, {page.write(args.out, bench=results)}")
+        bench_report.print_table(results)
+        print(f"\nwrote {bench_report.write(results, args.out)}, {page.write(args.out, bench=results)}")
         return 0
     if reports:
-        report.remove_stale_results(args.out)
+        saved_results.remove_stale(args.out)
 
     if reports:
         for name, reason in reasons.items():
@@ -317,7 +319,7 @@ def main(argv=None):
                    "data_parallel": {"workers": args.data_parallel, "bn_stats": args.bn_stats,
                                      "started_by": "torchrun" if launch else "compare.py"}
                    if args.data_parallel > 1 else None},
-        "environment": report.environment(devices),
+        "environment": saved_results.environment(devices),
         "runs": {name: runs[name] for name in args.impls},
         "divergence": divergence(snapshots, ran),
     }
@@ -325,8 +327,8 @@ def main(argv=None):
         reference_runs, reference_snapshots = reference
         results["float32_reference"] = {"runs": {name: reference_runs[name] for name in args.impls},
                                         "drift": drift_from_reference(snapshots, reference_snapshots, ran)}
-    report.print_report(results)
-    paths = report.write_all(results, args.out)
+    console.print_report(results)
+    paths = saved_results.write_all(results, args.out)
     print(f"\nwrote {', '.join(paths)}")
     return 0
 

@@ -21,8 +21,6 @@ PyTorch's N worker processes, started once for its rows, timed in rounds of thei
 import contextlib
 import gzip
 import itertools
-import json
-import os
 import statistics
 import time
 import warnings
@@ -31,6 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from common import data
+from common.files import atomic_path
 from common.harness import (IMPLEMENTATIONS, PRECISIONS, data_parallel_module, framework_of, host_batch_step,
                             select_devices, start_run)
 from common.parallel import launch_local_workers
@@ -55,9 +54,8 @@ def torchvision_root(data_dir=None):
             continue
         compressed = source / f"{name}.gz"
         content = gzip.decompress(compressed.read_bytes()) if compressed.exists() else (source / name).read_bytes()
-        temporary = raw / f".{name}.partial"
-        temporary.write_bytes(content)
-        os.replace(temporary, target)
+        with atomic_path(target) as temporary, open(temporary, "wb") as file:
+            file.write(content)
     return str(root)
 
 
@@ -266,39 +264,3 @@ def data_parallel_row(name, args, device, warmup, repeats=None):
     return {"implementation": name, "mode": f"eager, {args.data_parallel} workers", "norm": IMPLEMENTATIONS[name][1],
             "dtype": "float32", "workers": args.data_parallel, "device": device, "compile_seconds": warmup,
             **({"repeats": repeats} if repeats is not None else {})}
-
-
-def print_table(results):
-    mixed = any("ratio_to_float32" in row for row in results["rows"])
-    header = ("implementation", "mode", "examples/sec", "x chapter loop", "x 1 worker", *(("x float32",) if mixed else ()),
-              "warm-up s", "device")
-    lines = [header]
-    for row in results["rows"]:
-        mode = row["mode"] + (f", {row['dtype']}" if mixed else "")
-        lines.append((row["implementation"], mode, f"{row['examples_per_sec']:.1f}",
-                      f"{row['ratio_to_baseline']:.2f}",
-                      f"{row['ratio_to_one_worker']:.2f}" if "ratio_to_one_worker" in row else "-",
-                      *((f"{row['ratio_to_float32']:.2f}" if "ratio_to_float32" in row else "-",) if mixed else ()),
-                      "-" if row["compile_seconds"] is None else f"{row['compile_seconds']:.2f}", row["device"]))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    print("\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines))
-    config = results["config"]
-    arithmetic = f"{config['dtype']}{' (TF32 allowed)' if config['tf32'] else ''}"
-    print(f"(median of {config['repeats']} repeats of {config['bench_batches']} batches of {config['batch_size']}, "
-          f"{arithmetic}, taken in rounds over all rows; warm-up timed apart; 'x chapter loop' is against the "
-          "loop with the same batch norm, 'x 1 worker' against the same implementation's eager step"
-          + (", 'x float32' against the same implementation and mode in float32)" if mixed else ")"))
-    if config["data_parallel"] > 1:
-        print(f"({config['data_parallel']} workers, {config['bn_stats']} batch-norm statistics; PyTorch's "
-              "data-parallel rows were timed in their worker processes, after the other rows)")
-    for name, reason in config["not_run"].items():
-        print(f"{name}: not run data-parallel: {reason}")
-
-
-def write(results, out):
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, "bench.json")
-    with open(path + ".partial", "w") as file:
-        json.dump(results, file, indent=2)
-    os.replace(path + ".partial", path)
-    return path

@@ -35,7 +35,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from common import page
+from common.report import page
 from tests.browser import open_page, start_chromium
 
 REPO = Path(__file__).resolve().parent.parent

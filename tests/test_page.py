@@ -1,7 +1,7 @@
 """report.html's source view and tables of differences, built from the real source and README.
 
 The mirrored files must stay mirrored: every definition beside its twin, in the same order, except
-the twins whose names differ by convention and the definitions without a twin that common/page.py
+the twins whose names differ by convention and the definitions without a twin that common/report/page.py
 declares. The tables of differences come from README.md alone, and every row of them must lead to
 a place on the page. (What a reader sees in a browser is tested in tests/test_compare.py, on the
 pages that compare.py writes.)
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from common import page
+from common.report import page
 from common.harness import IMPLEMENTATIONS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -172,11 +172,11 @@ def test_the_readme_is_the_tables_single_source(tmp_path):
 def test_the_template_is_package_data():
     """pip install (not only -e) must carry the template: pyproject's package-data matches it."""
     configuration = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
-    assert "common" in configuration["packages"]
-    patterns = configuration["package-data"]["common"]
+    assert "common.report" in configuration["packages"]
+    patterns = configuration["package-data"]["common.report"]
     template = page.TEMPLATES / "report.html.j2"
     assert template.exists()
-    assert any(template in (REPO / "common").glob(pattern) for pattern in patterns), patterns
+    assert any(template in (REPO / "common" / "report").glob(pattern) for pattern in patterns), patterns
 
 
 def test_the_page_is_written_whole(tmp_path):

@@ -25,9 +25,10 @@ from pygments import highlight
 from pygments.formatters import HtmlFormatter
 from pygments.lexers import PythonLexer
 
+from common.files import write_text
 from common.harness import IMPLEMENTATIONS
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository: README.md and impls/
 PAGE = "report.html"
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 HEAD = "(docstring and imports)"  # what the page calls a file's head
@@ -693,15 +694,15 @@ def results_view(results, bench, out):
         return None
     view = {"results": results, "bench": bench, "plots": []}
     if results is not None:
-        from common import report  # noqa: PLC0415 (matplotlib, only when there are results)
-        view["summary"] = report.summary_rows(results)
-        for stem, title in ((report.CURVES, "Training curves"), (report.DIVERGENCE, "How far the implementations drift apart")):
+        from common.report import console, plots  # noqa: PLC0415 (matplotlib, only when there are results)
+        view["summary"] = console.summary_rows(results)
+        for stem, title in ((plots.CURVES, "Training curves"), (plots.DIVERGENCE, "How far the implementations drift apart")):
             path = Path(out) / f"{stem}.svg"
             if path.exists():
                 view["plots"].append({"id": f"plot-{stem}", "title": title, "svg": inline_svg(path, stem)})
         view["parallel"] = {name: run["data_parallel"] for name, run in results["runs"].items() if "data_parallel" in run}
         view["not_run"] = {name: run["not_run"] for name, run in results["runs"].items() if "not_run" in run}
-        view["unbiased_note"] = report.compares_torch_builtin(results)
+        view["unbiased_note"] = console.compares_torch_builtin(results)
     return view
 
 
@@ -766,21 +767,10 @@ def render(results=None, bench=None, out=None, root=ROOT):
 
 
 def write(out, results=None, bench=None):
-    """Write report.html into `out` atomically (a temporary file, then os.replace): a run that is
-    interrupted leaves either the whole page or none. Returns its path."""
+    """Write report.html into `out`, whole or not at all (common.files): a run that is interrupted
+    leaves either the whole page or none. Returns its path."""
     os.makedirs(out, exist_ok=True)
-    page = render(results, bench, out)
-    path = os.path.join(out, PAGE)
-    temporary = path + ".partial"
-    try:
-        with open(temporary, "w") as file:
-            file.write(page)
-        os.replace(temporary, path)
-    except BaseException:  # an interrupt included: no half-written page is left behind
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-    return path
+    return write_text(os.path.join(out, PAGE), render(results, bench, out))
 
 
 def remove_stale(out):

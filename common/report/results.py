@@ -1,0 +1,43 @@
+"""What a run keeps: results.json, beside its plots and report.html.
+
+results.json is written last: its presence means the run completed. The imports run one way:
+results -> page, plots, console -> the substrate (common.*, impls), never back.
+"""
+
+import os
+import platform
+from importlib.metadata import PackageNotFoundError, version
+
+from common.files import write_json
+from common.harness import framework_module
+from common.report import page, plots
+
+RESULTS = "results.json"
+
+
+def environment(devices):
+    def package_version(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+    packages = {name: package_version(name) for name in ("numpy", "torch", "jax", "jaxlib", "flax", "optax")}
+    return {"python": platform.python_version(), **packages,
+            "devices": {framework: framework_module(framework).device_description(device)
+                        for framework, device in devices.items()}}
+
+
+def remove_stale(out):
+    """An earlier run's results.json, plots and page in `out` must not pass for this run's if it is
+    interrupted."""
+    for name in (RESULTS, page.PAGE, *(stem + suffix for stem in plots.STEMS for suffix in plots.SUFFIXES)):
+        path = os.path.join(out, name)
+        if os.path.exists(path):
+            os.remove(path)
+
+
+def write_all(results, out):
+    """Plots first, then report.html, results.json last: its presence means the run completed."""
+    paths = plots.plot_curves(results, out) + plots.plot_divergence(results, out)
+    paths.append(page.write(out, results=results))
+    return [write_json(os.path.join(out, RESULTS), results), *paths]
