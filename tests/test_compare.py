@@ -179,8 +179,9 @@ SHARED_RUNS = {
                                        "--device", "cpu")], None),
     "side_by_side_run": (side_by_side_command, None),
 }
-# Runs at once: this machine's two cores. Each run keeps to about one (OMP_NUM_THREADS=1 above):
-# measured, this module took 186 s with two at a time, 351 s with one run after another.
+# Runs at once: one per core of the 2-core development machine. Each run keeps to about one
+# (OMP_NUM_THREADS=1 above): measured there on 2026-11-27, this module took 186 s with two at a time,
+# 351 s with one run after another.
 RUNS_AT_ONCE = 2
 
 

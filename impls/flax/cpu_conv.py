@@ -1,7 +1,7 @@
 """LeNet's convolutions, rewritten for XLA:CPU as space-to-depth convolutions. Flax only:
 PyTorch's CPU convolutions, forward and backward, are oneDNN's.
 
-Profiling the Flax step on the CPU (README, "Where the time goes") showed XLA:CPU's own
+Profiling the Flax step on the CPU (docs/performance.md, where its time goes) showed XLA:CPU's own
 convolutions to be most of its cost, and the first one worst of all: with one input channel
 and six output channels, its forward pass took 2.5 ms of a 9.5 ms step (this project's 2-core
 machine, float32, batch 256), where oneDNN takes 0.7 ms. XLA's convolution is fast when it has
