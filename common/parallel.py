@@ -12,10 +12,13 @@ import logging
 import os
 import signal
 import tempfile
+import threading
 from dataclasses import dataclass
 
 # Only where torchrun sets no JAX_COORDINATOR_ADDRESS: JAX's coordinator listens beside torch's store.
 JAX_COORDINATOR_PORT_OFFSET = 1
+# What a worker killed by a signal most likely met; the signal's name alone for the others.
+SIGNAL_HINTS = {signal.SIGKILL: "out of memory?"}
 
 
 class DataParallelError(RuntimeError):
@@ -64,7 +67,7 @@ def launch_environment():
 def launch_local_workers(function, args, count):
     """function(*args) in `count` new processes on this machine, started as torchrun starts its
     workers (each finds RANK, WORLD_SIZE, MASTER_ADDR, ... in its environment). Returns worker 0's
-    result. If one fails, the launcher stops the others; the error says which and why."""
+    result. If one fails or is killed, the launcher stops the others; the error says which and why."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -76,10 +79,10 @@ def launch_local_workers(function, args, count):
                               rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0,
                               monitor_interval=0.1, start_method="spawn", logs_specs=DefaultLogsSpecs(log_dir))
         try:
-            return elastic_launch(config, function)(*args)[0]
+            return elastic_launch(config, local_worker)(function, *args)[0]
         except ChildFailedError as error:
             rank, failure = error.get_first_failure()
-            raise DataParallelError(f"worker {rank} of {count} failed: {failure_message(failure)}") from None
+            raise DataParallelError(f"worker {rank} of {count} {failure_message(failure)}") from None
         except SignalException as error:
             # The launcher turns a signal into this exception once it has stopped the workers:
             # Ctrl-C is then what it is everywhere else.
@@ -104,9 +107,29 @@ def quiet_launcher():
             logger.setLevel(level)
 
 
+def local_worker(function, *args):
+    """function(*args) in one of the processes launch_local_workers starts."""
+    from tqdm import tqdm
+
+    # tqdm's default lock holds a multiprocessing RLock: a named semaphore, registered with the
+    # resource tracker these processes share with the one that started them. A worker killed by a
+    # signal never unregisters it, and the tracker warns of a leaked semaphore as that process
+    # exits. Spawned workers share no lock anyway (each would make its own): a thread lock will do.
+    tqdm.set_lock(threading.RLock())
+    return function(*args)
+
+
 def failure_message(failure):
-    """The exception a worker died of, as the launcher recorded it; the worker's traceback too,
-    unless it was a DataParallelError, which says all there is to say."""
+    """What became of a worker, as the launcher recorded it: the signal that killed it, or the
+    exception it died of with its traceback, unless it was a DataParallelError, which says all
+    there is to say."""
+    if failure.exitcode < 0:  # a signal's number, negated: killed, so no error file
+        try:
+            name = signal.Signals(-failure.exitcode).name
+        except ValueError:
+            name = f"signal {-failure.exitcode}"
+        hint = SIGNAL_HINTS.get(-failure.exitcode)
+        return f"was killed by {name}{f' ({hint})' if hint else ''}; no results written"
     data = failure.error_file_data or {}
     message = data.get("message", {})
     if isinstance(message, dict):
@@ -114,11 +137,11 @@ def failure_message(failure):
         traceback = message.get("extraInfo", {}).get("py_callstack", "")
     else:
         text, traceback = str(message), ""
-    if not text:
-        return f"exit code {failure.exitcode} (see its output above)"
+    if text in ("", "<NONE>"):  # "<NONE>": the launcher's word for a worker that wrote no error file
+        return f"failed: exit code {failure.exitcode} (see its output above)"
     if text.startswith(f"{DataParallelError.__name__}: "):
-        return text[len(DataParallelError.__name__) + 2:]
-    return f"{text}\n{traceback}".rstrip()
+        return f"failed: {text[len(DataParallelError.__name__) + 2:]}"
+    return f"failed: {text}\n{traceback}".rstrip()
 
 
 def pytorch_worker(names, settings, weights):

@@ -12,6 +12,8 @@ set in conftest.py) under shard_map. A JAX mesh across processes (jax.distribute
 to end, through compare.py under torchrun (tests/test_compare.py).
 """
 
+import signal
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,11 +21,12 @@ import pytest
 from flax import linen, nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
 from common.data import shard_bounds
 from common.harness import IMPLEMENTATIONS, data_parallel_module
 from common.init import MOVING_STAT_NAMES, PARAMETER_NAMES, canonical_weights
-from common.parallel import DataParallelError, launch_local_workers
+from common.parallel import DataParallelError, failure_message, launch_local_workers
 from impls.flax import batch_norm as flax_bn
 from impls.flax import data_parallel as flax_parallel
 from impls.flax.data_parallel import AXIS
@@ -471,6 +474,19 @@ def test_a_worker_that_fails_stops_the_others_and_says_why():
     with pytest.raises(DataParallelError) as failure:
         launch_local_workers(parallel_workers.fail_on_worker_1, (), parallel_workers.WORKERS)
     assert str(failure.value) == "worker 1 of 2 failed: worker 1 cannot go on"
+
+
+@pytest.mark.parametrize(("exitcode", "message"), [
+    (-signal.SIGKILL, "was killed by SIGKILL (out of memory?); no results written"),
+    (-signal.SIGTERM, "was killed by SIGTERM; no results written"),
+    (3, "failed: exit code 3 (see its output above)"),
+], ids=["SIGKILL", "SIGTERM", "exit code"])
+def test_a_worker_that_left_no_error_file_is_described_by_its_exit_code(tmp_path, exitcode, message):
+    """What the launcher records of a worker that ended without raising (a signal, or sys.exit):
+    the signal by name, or the exit code. A worker killed by SIGKILL, and the message in a run of
+    compare.py: tests/test_compare.py."""
+    failure = ProcessFailure(local_rank=1, pid=1, exitcode=exitcode, error_file=str(tmp_path / "error.json"))
+    assert failure_message(failure) == message
 
 
 def test_jax_cannot_shard_a_batch_unevenly():
