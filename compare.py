@@ -346,7 +346,9 @@ def train_all(args, launch, weights, data, devices, workers, reasons):
         try:
             results = launch_local_workers(pytorch_worker, (local_pytorch, args, weights), args.data_parallel)
         except DataParallelError as error:
-            sys.exit(f"error: {error}")
+            # A worker stopped mid-epoch leaves its progress bar's line unfinished: the error starts a new one.
+            line_start = "" if args.no_progress else "\n"
+            sys.exit(f"{line_start}error: {error}")
         for name in local_pytorch:
             runs[name], snapshots[name] = results[name]
     for name in args.impls:

@@ -8,13 +8,14 @@ run under torchrun; the compiled mode, the benchmark and --side-by-side. The sha
 selected tests need all start with the module, two at a time (SharedRuns). Every error path must
 stop before training with a clear message and leave no results.json behind: argparse's in this
 process, the others each in a cheap run of its own. One full-size data-parallel run is interrupted
-with SIGINT.
+with SIGINT, and one loses a worker to SIGKILL.
 
 All training runs pass --device cpu (except the diverging one, which exercises the default 'auto'),
 so that the numbers and the "on cpu" lines hold on a machine with a GPU too.
 """
 
 import ast
+import contextlib
 import itertools
 import json
 import math
@@ -687,6 +688,79 @@ def test_interrupted_run_leaves_no_results_json_and_no_workers(tmp_path):
     while any(is_running(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not [pid for pid in workers if is_running(pid)], "worker processes outlived compare.py"
+
+
+def test_a_killed_worker_is_named_with_its_signal(tmp_path):
+    """SIGKILL (what the kernel's out-of-memory killer sends) to worker 1 of a data-parallel run as
+    it trains: non-zero exit, one line naming the worker and the signal, no warning from
+    multiprocessing's resource tracker of a semaphore the worker leaked, no results.json, and no
+    process of the run left."""
+    out = tmp_path / "out"
+    stderr_path = tmp_path / "stderr"
+    with open(stderr_path, "w") as stderr:
+        # One full epoch (235 batches of 256), progress bars on: it cannot end before the kill lands.
+        # A session of its own: the run's processes, whatever started them, are its process group.
+        process = subprocess.Popen([sys.executable, "compare.py", "--device", "cpu", "--data-parallel", "2",
+                                    "--impls", "torch-scratch", "--epochs", "1", "--out", str(out)],
+                                   cwd=REPO, env=ENVIRONMENT, stdout=subprocess.DEVNULL, stderr=stderr,
+                                   start_new_session=True)
+        try:
+            deadline = time.monotonic() + RUN_TIMEOUT_S
+            # Worker 0's bar past its first step: both workers are in the training loop (a step
+            # all-reduces with worker 1), past the point where each made its progress bar.
+            while not re.search(r"torch-scratch epoch 1: .*\| *[1-9]\d*/", stderr_path.read_text()):
+                assert process.poll() is None, f"compare.py ended early:\n{stderr_path.read_text()}"
+                assert time.monotonic() < deadline, "training never started"
+                time.sleep(0.05)
+            workers = spawned_workers(process.pid)
+            assert len(workers) == 2, workers
+            os.kill(workers[1], signal.SIGKILL)
+            returncode = process.wait(timeout=120)
+            # multiprocessing's resource tracker outlives compare.py a moment: it warns as it ends.
+            deadline = time.monotonic() + 30
+            while processes_in_group(process.pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            left = processes_in_group(process.pid)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    stderr = stderr_path.read_text()
+    assert returncode == 1
+    assert stderr.rstrip().splitlines()[-1] == (
+        "error: worker 1 of 2 was killed by SIGKILL (out of memory?); no results written"), stderr
+    for warning in ("Traceback", "resource_tracker", "leaked", "Warning"):
+        assert warning not in stderr, stderr
+    assert not left, f"processes of the run outlived compare.py: {left}"
+    assert not list(out.glob("results.json*")) and not list(out.glob("report.html*"))
+
+
+def spawned_workers(pid):
+    """The pids of the processes `pid` started through multiprocessing's spawn, in the order they
+    started (the launcher starts worker 0 first)."""
+    workers = []
+    for child in child_processes(pid):
+        try:
+            command = (Path("/proc") / str(child) / "cmdline").read_bytes()
+            start_time = int((Path("/proc") / str(child) / "stat").read_text().rsplit(") ", 1)[1].split()[19])
+        except (OSError, IndexError, ValueError):
+            continue
+        if b"multiprocessing.spawn" in command:
+            workers.append((start_time, child))
+    return [child for _, child in sorted(workers)]
+
+
+def processes_in_group(group):
+    """The pids of the live processes (not zombies) in the process group `group` (Linux: /proc)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(") ", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[2] == str(group) and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
 
 
 def child_processes(pid):
