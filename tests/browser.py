@@ -10,16 +10,18 @@ it logged (a Content-Security-Policy violation is one).
 import json
 import shutil
 
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
-
 # A laptop's screen.
 WIDTH, HEIGHT = 1366, 900
 
 
 def start_chromium():
     """Headless chromium at a laptop's size, logging network events and console messages. Fails,
-    saying what to install, where chromium or its driver is missing: no test skips for want of it."""
+    saying what to install, where chromium or its driver is missing: no test skips for want of it.
+    selenium is imported here, not with the module, so that test_compare's other tests still run
+    where it is not installed (.ci/gpu deselects the browser's tests there, by their marker)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
     browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
     assert browser and driver, ("the page tests need Debian's chromium and chromium-driver: "
                                 "sudo apt-get install -y chromium chromium-driver")

@@ -12,6 +12,14 @@ jax.config.update("jax_enable_x64", True)
 use_host_devices(4)
 
 
+def pytest_collection_modifyitems(items):
+    """Every test that drives chromium (through the `browser` fixture) is marked `browser`, so that
+    a machine without chromium and selenium can leave those out by name: `-m "not browser"`."""
+    for item in items:
+        if "browser" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.browser)
+
+
 @pytest.fixture(scope="session")
 def fashion_mnist():
     """The real data (CI installs dataset-fashion-mnist): a failure here means it is missing."""

@@ -989,7 +989,9 @@ def side_by_side_page(browser, side_by_side_run):
 
 
 @pytest.fixture(params=["main run", "--side-by-side"])
-def any_page(request):
+def any_page(request, browser):
+    """Either page. `browser` is named here, though the page's own fixture asks for it, so that
+    pytest sees these tests need it too and tests/conftest.py marks them `browser`."""
     return request.getfixturevalue({"main run": "main_page", "--side-by-side": "side_by_side_page"}[request.param])
 
 
