@@ -21,6 +21,10 @@ PACKAGES = ("torch", "torchvision", "jax", "jaxlib", "jax-cuda13-plugin", "jax-c
 FRAMEWORKS = {"torch": "PyTorch", "flax": "Flax NNX", "linen": "Flax Linen"}  # by the implementation's prefix
 GOAL = 1_000_000  # training examples/sec per framework on an H100/H200 (issue #24)
 DRIFTS = ("max_abs_param_diff", "max_abs_test_logit_diff")  # results.json's "divergence", per epoch
+NOT_RUN = "not run: no time left"  # what .ci/gpu writes into a step's log when it leaves the step out
+# How a step ended, by its exit status (timeout's 124 and 137; "-": .ci/gpu left it out).
+ENDINGS = {"0": "passed", "124": "stopped at its limit ({limit} s)", "137": "killed after its limit ({limit} s)",
+           "-": NOT_RUN}
 PYTEST_COUNTS = ("passed", "failed", "errors", "error", "skipped", "deselected", "xfailed", "xpassed")
 
 
@@ -39,12 +43,20 @@ def machine():
         header = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout
         cuda = re.search(r"CUDA Version: *([\d.]+)", header)
         name, driver, memory = (field.strip() for field in gpus[0].split(","))
-        device = (f"{len(gpus)} x {name} ({memory}), driver {driver}, CUDA {cuda.group(1) if cuda else '?'} "
-                  "(the driver's)")
+        device = f"{len(gpus)} x {name} ({memory}), driver {driver} (CUDA {cuda.group(1) if cuda else '?'})"
     except (OSError, subprocess.SubprocessError, IndexError, ValueError):
-        device = f"no GPU: {platform.processor() or platform.machine()}"
+        device = f"no nvidia-smi ({platform.machine()})"
     packages = ", ".join(f"{name} {installed(name)}" for name in PACKAGES if installed(name))
     return f"{device}; {os.cpu_count()} CPU cores; Python {platform.python_version()}, {packages}"
+
+
+def commit():
+    """The checkout's commit ('-dirty' if files differ from it), where git and the history are at hand."""
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def steps(logs):
@@ -53,8 +65,7 @@ def steps(logs):
     path = logs / "steps.tsv"
     for line in path.read_text().splitlines() if path.exists() else []:
         name, status, start, end, limit, command = line.split("\t")
-        ended = {"0": "passed", "124": f"stopped at its limit ({limit} s)",
-                 "137": f"killed after its limit ({limit} s)", "-": "not run: no time left"}.get(status, f"exit {status}")
+        ended = ENDINGS.get(status, "exit {status}").format(status=status, limit=limit)
         wall = float(end) - float(start) if start != "-" else 0.0
         rows.append((name, ended, wall, command))
     return rows
@@ -71,6 +82,8 @@ def suite_lines(logs):
     if not path.exists():
         return ["Tests: not run."]
     text = path.read_text(errors="replace")
+    if NOT_RUN in text:
+        return [f"Tests: {NOT_RUN}."]
     finals = re.findall(r"^=+ (.*\b(?:passed|failed|error|errors|skipped|deselected)\b.*) in ([\d.]+)s", text, re.M)
     if not finals:
         return ["Tests: pytest wrote no result line (stopped before its end): see suite.log."]
@@ -148,12 +161,13 @@ def bench_lines(logs):
     rows = [(row["implementation"], row["mode"], row["dtype"], f"{row['examples_per_sec']:,.0f}",
              f"{row['ratio_to_baseline']:.2f}", number(row.get("ratio_to_float32"), 2),
              number(row["compile_seconds"], 1)) for row in results["rows"]]
-    lines += table(("implementation", "mode", "dtype", "examples/sec", "x chapter loop", "x float32", "warm-up s"), rows)
-    fastest = {}
-    for row in results["rows"]:
-        framework = FRAMEWORKS.get(row["implementation"].split("-")[0])
-        if framework and row["examples_per_sec"] > fastest.get(framework, {"examples_per_sec": 0})["examples_per_sec"]:
-            fastest[framework] = row
+    lines += table(("implementation", "mode", "dtype", "examples/sec", "x chapter loop", "x float32", "warm-up s"),
+                   rows)
+    by_framework = {}
+    for row in results["rows"]:  # the chapter's loop is none of them
+        by_framework.setdefault(FRAMEWORKS.get(row["implementation"].split("-")[0]), []).append(row)
+    fastest = {framework: max(rows, key=lambda row: row["examples_per_sec"])
+               for framework, rows in by_framework.items() if framework}
     lines += ["", f"Fastest per framework (the goal: {GOAL:,} examples/sec each): " + "; ".join(
         f"{framework} {row['examples_per_sec']:,.0f} ({row['implementation']}, {row['mode']}, {row['dtype']})"
         f"{'' if row['examples_per_sec'] >= GOAL else ', below'}" for framework, row in fastest.items()) + "."]
@@ -162,9 +176,12 @@ def bench_lines(logs):
 
 def summary(logs):
     ran = steps(logs)
-    lines = [f"### .ci/gpu, {time.strftime('%Y-%m-%d')}", "", f"Machine: {machine()}.", ""]
+    checkout = commit()
+    lines = [f"### .ci/gpu, {time.strftime('%Y-%m-%d')}" + (f", commit {checkout}" if checkout else ""), "",
+             f"Machine: {machine()}.", ""]
     lines += table(("step", "command", "ended", "wall s"),
-                   [(name, f"`{command}`", ended, f"{wall:.0f}") for name, ended, wall, command in ran])
+                   [(name, f"`{command}`", ended, f"{wall:.0f}") for name, ended, wall, command in ran]
+                   + [("total", "", "", f"{sum(wall for _, _, wall, _ in ran):.0f}")])
     for part in (suite_lines, compiled_lines, bench_lines):
         lines += [""] + part(logs)
     return "\n".join(lines) + "\n"
