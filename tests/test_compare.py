@@ -1018,6 +1018,25 @@ def definitions(path):
     return found
 
 
+PAGE_FIXTURES = {"browser", "main_page", "side_by_side_page", "any_page"}
+
+
+def test_without_selenium_the_module_collects_and_the_browser_marker_names_the_page_tests():
+    """.ci/gpu runs the suite where selenium and chromium are missing, with -m "not browser": this
+    module must import there (tests/browser.py imports selenium only to start chromium), and the
+    marker must take exactly the tests that open a page, read here from their arguments."""
+    code = ("import sys; sys.modules['selenium'] = None; import pytest; "  # as if selenium were not installed
+            "sys.exit(pytest.main(['--collect-only', '-q', '-m', 'browser', 'tests/test_compare.py']))")
+    process = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=ENVIRONMENT, capture_output=True, text=True,
+                             timeout=120)
+    assert process.returncode == 0, process.stdout + process.stderr
+    marked = {line.split("::")[1].split("[")[0] for line in process.stdout.splitlines() if line.startswith("tests/")}
+    opening_a_page = {node.name for node in ast.parse(Path(__file__).read_text()).body
+                      if isinstance(node, ast.FunctionDef) and node.name.startswith("test_")
+                      and PAGE_FIXTURES & {argument.arg for argument in node.args.args}}
+    assert marked == opening_a_page and len(marked) == 8, (marked, opening_a_page)
+
+
 def test_side_by_side_writes_the_source_view_alone(side_by_side_run, side_by_side_page):
     process, out = side_by_side_run
     assert process.stdout == f"wrote {out / 'report.html'}\n"
