@@ -15,6 +15,21 @@ EPS = 1e-5
 MOMENTUM = 0.9
 
 
+def builtin_momentum(momentum):
+    """The chapter's momentum (the weight of the old statistics) as nnx.BatchNorm and linen.BatchNorm
+    take it: Flax's convention is the chapter's, so m here is m there. Statistics that training must
+    not move are momentum=1.0 here and there (and momentum=0 in PyTorch, which weighs the new batch)."""
+    return momentum
+
+
+def cumulative_average_momentum(batches_seen):
+    """The momentum, in the chapter's convention, that makes the moving statistics the plain average
+    of every batch's so far (batches_seen before this one): what PyTorch's nn.BatchNorm(momentum=None)
+    keeps. Flax has no such option and counts no batches: the training loop counts its steps and
+    gives the layer this momentum before each (an attribute of nnx.BatchNorm, a field of linen.BatchNorm)."""
+    return batches_seen / (batches_seen + 1)
+
+
 def sum_over_workers(value, axis_name):
     """`value` summed over every worker along the mesh axis, the same sum on each; `value` itself
     without an axis (one device). JAX differentiates through the collective: the backward pass
@@ -103,3 +118,19 @@ class BatchNorm(nnx.Module):
         if training:
             self.moving_mean[...], self.moving_var[...] = moving_mean, moving_var
         return Y
+
+
+# The moving variances among a model's moving statistics, by name: nnx.BatchNorm's and
+# linen.BatchNorm's, and the scratch layer's; every other moving statistic is a mean.
+VARIANCE_NAMES = ("var", "moving_var")
+
+
+def reset_running_stats(batch_stats):
+    """What nn.BatchNorm.reset_running_stats() does, for Flax's layers, which have no such method:
+    every moving mean back to 0 and every moving variance to 1, where a new layer starts them.
+    batch_stats: nnx.state(model, nnx.BatchStat), or Linen's 'batch_stats' collection; returns the
+    same tree, reset (nnx.update(model, ...) puts it in place; Linen's next apply takes it)."""
+    def reset(path, value):
+        is_variance = any(getattr(key, "key", None) in VARIANCE_NAMES for key in path)
+        return jnp.ones_like(value) if is_variance else jnp.zeros_like(value)
+    return jax.tree_util.tree_map_with_path(reset, batch_stats)

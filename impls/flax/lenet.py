@@ -10,7 +10,7 @@ import numpy as np
 from flax import nnx
 
 from common.init import BATCH_NORM_LAYERS, WEIGHT_NAMES
-from impls.flax.batch_norm import EPS, MOMENTUM, BatchNorm
+from impls.flax.batch_norm import EPS, MOMENTUM, BatchNorm, builtin_momentum
 from impls.flax.cpu_conv import conv_general_dilated
 
 NORMS = ("scratch", "builtin")
@@ -26,7 +26,7 @@ def make_batch_norm(norm, num_features, num_dims, dtype, param_dtype, axis_name=
     # nnx.BatchNorm computes E[x^2] - E[x]^2 by default; the two-pass variance matches the others.
     # Its batch statistics are float32 whatever `dtype`, its output's type; promote_input_only keeps
     # its scale, bias and running statistics in theirs too.
-    return nnx.BatchNorm(num_features, momentum=MOMENTUM, epsilon=EPS, use_fast_variance=False,
+    return nnx.BatchNorm(num_features, momentum=builtin_momentum(MOMENTUM), epsilon=EPS, use_fast_variance=False,
                          axis_name=axis_name, dtype=dtype, param_dtype=param_dtype,
                          promote_dtype=promote_input_only, rngs=nnx.Rngs(0))
 

@@ -11,7 +11,9 @@ from typing import Any
 import jax.numpy as jnp
 from flax import linen as nn
 
-from impls.flax.batch_norm import EPS, MOMENTUM, batch_norm, check_input, sum_over_workers  # noqa: F401 (shared)
+from impls.flax.batch_norm import (  # noqa: F401 (shared)
+    EPS, MOMENTUM, VARIANCE_NAMES, batch_norm, builtin_momentum, check_input, cumulative_average_momentum,
+    reset_running_stats, sum_over_workers)
 
 
 class BatchNorm(nn.Module):

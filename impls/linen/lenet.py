@@ -16,7 +16,7 @@ from flax import linen as nn
 from common.init import BATCH_NORM_LAYERS, WEIGHT_NAMES
 from impls.flax.cpu_conv import conv_general_dilated
 from impls.flax.lenet import check_batch, from_flax_layout, to_flax_layout
-from impls.linen.batch_norm import EPS, MOMENTUM, BatchNorm
+from impls.linen.batch_norm import EPS, MOMENTUM, BatchNorm, builtin_momentum
 
 NORMS = ("scratch", "builtin")
 
@@ -32,7 +32,7 @@ def make_batch_norm(norm, num_features, num_dims, dtype, param_dtype, axis_name=
     # linen.BatchNorm computes E[x^2] - E[x]^2 by default; the two-pass variance matches the others.
     # Its batch statistics are float32 whatever `dtype`, its output's type, and its scale, bias and
     # running statistics stay in theirs (force_float32_reductions), where NNX's needs telling.
-    return nn.BatchNorm(momentum=MOMENTUM, epsilon=EPS, use_fast_variance=False, axis_name=axis_name,
+    return nn.BatchNorm(momentum=builtin_momentum(MOMENTUM), epsilon=EPS, use_fast_variance=False, axis_name=axis_name,
                         dtype=dtype, param_dtype=param_dtype)
 
 

@@ -22,6 +22,20 @@ EPS = 1e-5
 MOMENTUM = 0.9
 
 
+def builtin_momentum(momentum):
+    """The chapter's momentum (the weight of the old statistics) as nn.BatchNorm takes it: PyTorch's
+    weighs the new batch, so m here is 1 - m there. Statistics that training must not move are
+    momentum 1 here and momentum=0 there (and momentum=1.0 in Flax, whose convention is the chapter's)."""
+    return 1.0 - momentum
+
+
+def cumulative_average_momentum(batches_seen):
+    """The momentum, in the chapter's convention, that makes the moving statistics the plain average
+    of every batch's so far (batches_seen before this one): what nn.BatchNorm(momentum=None) keeps,
+    counting the batches in its num_batches_tracked buffer."""
+    return batches_seen / (batches_seen + 1)
+
+
 def sum_over_workers(value, process_group):
     """`value` summed over every worker of the process group, the same sum on each; `value` itself
     without a group (one device). A differentiable collective: its backward pass sums the

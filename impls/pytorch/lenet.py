@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.init import BATCH_NORM_LAYERS, WEIGHT_NAMES
-from impls.pytorch.batch_norm import EPS, MOMENTUM, BatchNorm
+from impls.pytorch.batch_norm import EPS, MOMENTUM, BatchNorm, builtin_momentum
 
 NORMS = ("scratch", "builtin")
 
@@ -26,8 +26,8 @@ def make_batch_norm(norm, num_features, num_dims, dtype, process_group=None):
     extra = {}
     if process_group is not None:
         builtin, extra = nn.SyncBatchNorm, {"process_group": process_group}
-    # PyTorch's momentum weighs the new batch: 1 - 0.9 here is the chapter's 0.9.
-    return builtin(num_features, eps=EPS, momentum=1.0 - MOMENTUM, dtype=dtype, **extra)
+    # PyTorch's momentum weighs the new batch: builtin_momentum gives 1 - 0.9 for the chapter's 0.9.
+    return builtin(num_features, eps=EPS, momentum=builtin_momentum(MOMENTUM), dtype=dtype, **extra)
 
 
 
