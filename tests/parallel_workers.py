@@ -204,3 +204,111 @@ def fail_on_worker_1():
         raise DataParallelError("worker 1 cannot go on")
     dist.barrier()  # never passed: worker 1 is gone
     return os.getpid()
+
+
+# --- batch-norm options over workers (tests/test_options.py) ----------------------------------------
+
+OPTION_WORKERS = 4
+# Grouped statistics: workers 0 and 1 normalise together, and 2 and 3 (PyTorch's process_group of
+# new_subgroups_by_enumeration, Flax's axis_index_groups).
+GROUPS = [[0, 1], [2, 3]]
+OPTION_STEPS = 3
+# A global batch per step, two rows per worker; the grouped layer sees the first.
+OPTION_BATCH = (8, 3)
+DDP_MOMENTUM = 0.25  # PyTorch's convention
+
+
+def option_inputs():
+    """The option tests' global batches, cotangents, gamma and beta: the same in every process."""
+    rng = np.random.default_rng(5)
+    batch, channels = OPTION_BATCH
+    # A mean and a spread per worker's rows, so that every worker's statistics differ.
+    offsets = np.repeat(rng.uniform(-3.0, 3.0, (OPTION_WORKERS, channels)), batch // OPTION_WORKERS, axis=0)
+    batches = offsets + rng.uniform(0.5, 2.0, channels) * rng.standard_normal((OPTION_STEPS, batch, channels))
+    return batches, rng.standard_normal((OPTION_STEPS, batch, channels)), rng.uniform(0.5, 2.0, channels), \
+        rng.normal(size=channels)
+
+
+def grouped_scratch_layer(workers, group):
+    """The scratch batch_norm on this worker's rows of the first batch, statistics over its group's:
+    output, gradients of sum(Y * cotangent), moving statistics."""
+    import torch
+    from impls.pytorch import batch_norm as torch_bn
+    batches, cotangents, gamma, beta = option_inputs()
+    rows = slice(*shard_rows(workers))
+    X = torch.tensor(batches[0][rows], requires_grad=True)
+    g, b = torch.tensor(gamma, requires_grad=True), torch.tensor(beta, requires_grad=True)
+    Y, moving_mean, moving_var = torch_bn.batch_norm(
+        X, g, b, torch.zeros(len(gamma), dtype=X.dtype), torch.ones(len(gamma), dtype=X.dtype),
+        torch_bn.EPS, torch_bn.MOMENTUM, training=True, process_group=group)
+    (Y * torch.from_numpy(cotangents[0][rows])).sum().backward()
+    return gathered({"Y": Y.detach().numpy(), "X": X.grad.numpy(), "gamma": g.grad.numpy(), "beta": b.grad.numpy(),
+                     "moving_mean": moving_mean.numpy(), "moving_var": moving_var.numpy()})
+
+
+def shard_rows(workers):
+    from common.data import shard_bounds
+    return shard_bounds(OPTION_BATCH[0], workers.count)[workers.process_index]
+
+
+def ddp_running_statistics(workers, broadcast_buffers):
+    """nn.BatchNorm1d under DistributedDataParallel(broadcast_buffers=...), each worker on its rows of
+    every batch, SGD on sum(Y * cotangent): every worker's running mean and variance after each step."""
+    import warnings
+
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+    batches, cotangents, gamma, beta = option_inputs()
+    rows = slice(*shard_rows(workers))
+    layer = torch.nn.BatchNorm1d(len(gamma), momentum=DDP_MOMENTUM, dtype=torch.float64)
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(gamma))
+        layer.bias.copy_(torch.from_numpy(beta))
+    with warnings.catch_warnings():
+        # torch 2.14 deprecates it for forward_sync_buffers, which syncs the buffers when DDP starts
+        # even when False (the same here: every replica starts from the same layer).
+        warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+        replica = DistributedDataParallel(layer, broadcast_buffers=broadcast_buffers)
+    optimizer = torch.optim.SGD(replica.parameters(), lr=0.5)
+    statistics = []
+    for X, cotangent in zip(batches, cotangents):
+        (replica(torch.from_numpy(X[rows])) * torch.from_numpy(cotangent[rows])).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        statistics.append((layer.running_mean.clone().numpy(), layer.running_var.clone().numpy()))
+    return gathered(statistics)
+
+
+def grouped_sync_batch_norm_on_a_gpu(workers, group):
+    """nn.SyncBatchNorm(process_group=...) on this worker's rows of the first batch, all workers on
+    GPU 0 (gloo carries CUDA tensors): output and running statistics, per worker. None without a GPU;
+    the error's text if it fails."""
+    import torch
+    if not torch.cuda.is_available():
+        return None
+    batches, _, _, _ = option_inputs()
+    try:
+        layer = torch.nn.SyncBatchNorm(OPTION_BATCH[1], momentum=0.1, process_group=group)
+        layer = layer.to(device="cuda", dtype=torch.float64).train()
+        Y = layer(torch.from_numpy(batches[0][slice(*shard_rows(workers))]).cuda())
+        result = {"Y": Y.detach().cpu().numpy(), "running_mean": layer.running_mean.cpu().numpy(),
+                  "running_var": layer.running_var.cpu().numpy()}
+    except Exception as error:  # reported to the test, which fails with it
+        result = {"error": f"{type(error).__name__}: {error}"}
+    return gathered(result)
+
+
+def option_scenarios():
+    """What tests/test_options.py needs from OPTION_WORKERS processes, in one launch."""
+    import torch.distributed as dist
+    from impls.pytorch import data_parallel as torch_parallel
+    workers = torch_parallel.start_workers("cpu", OPTION_WORKERS, TIMEOUT_S)
+    try:
+        # Every process creates every group, in the same order; each gets its own back.
+        group, _ = dist.new_subgroups_by_enumeration(GROUPS)
+        results = {"grouped": grouped_scratch_layer(workers, group),
+                   "gpu grouped": grouped_sync_batch_norm_on_a_gpu(workers, group),
+                   "ddp": {flag: ddp_running_statistics(workers, flag) for flag in (True, False)}}
+    finally:
+        torch_parallel.stop_workers(workers)
+    return results if workers.process_index == 0 else None
