@@ -165,8 +165,9 @@ def nnx_layer(batches, set_parameters=True, **options):
     # nnx.BatchNorm creates its running statistics in float32 whatever param_dtype says.
     layer.mean.set_value(jnp.zeros(batches.channels, jnp.float64))
     layer.var.set_value(jnp.ones(batches.channels, jnp.float64))
-    if set_parameters and layer.scale is not None:
-        layer.scale[...], layer.bias[...] = jnp.asarray(batches.gamma), jnp.asarray(batches.beta)
+    for variable, value in ((layer.scale, batches.gamma), (layer.bias, batches.beta)):
+        if set_parameters and variable is not None:
+            variable[...] = jnp.asarray(value)
     return layer
 
 
@@ -252,8 +253,9 @@ def train_linen(module, batches, layout=to_nhwc, module_at=None, use_running_ave
         variables = module.init(jax.random.key(0), jnp.asarray(layout(batches.train[0])), use_running_average=False)
         # float64, as the run's (Linen creates its running statistics in float32 whatever param_dtype says).
         variables = jax.tree.map(lambda value: jnp.asarray(value, jnp.float64), dict(variables))
-        if set_parameters and "scale" in variables.get("params", {}):
-            variables["params"] = {"scale": jnp.asarray(batches.gamma), "bias": jnp.asarray(batches.beta)}
+        if set_parameters:
+            variables["params"] = {name: jnp.asarray(value) for name, value in (("scale", batches.gamma),
+                                   ("bias", batches.beta)) if name in variables.get("params", {})}
     params, batch_stats = variables.get("params", {}), variables["batch_stats"]
     optimizer_state = SGD.init(params)
     trace = Trace()
