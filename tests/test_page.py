@@ -33,8 +33,9 @@ def out_of_step(pairs):
 
 
 def copy_of_the_repository(tmp_path):
-    """impls/ and README.md, for a change the real files must not see."""
-    shutil.copytree(REPO / "impls", tmp_path / "impls", ignore=shutil.ignore_patterns("__pycache__"))
+    """impls/, tests/ and README.md, for a change the real files must not see."""
+    for folder in ("impls", "tests"):
+        shutil.copytree(REPO / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "README.md", tmp_path / "README.md")
     return tmp_path
 
@@ -148,11 +149,55 @@ def test_every_row_of_the_readme_tables_has_a_place_on_the_page(views):
     tables = page.readme_tables(REPO / "README.md")
     assert list(tables) == list(page.DIFFERENCE_TABLES)
     topics = [cells[0] for _, rows in tables.values() for cells in rows]
-    assert len(topics) == len(set(topics)) == 20
+    assert len(topics) == len(set(topics)) == 37
+    assert len({page.slug(topic) for topic in topics}) == len(topics)  # each row's anchor its own
     assert sorted(page.PLACES) == sorted(topics), "PLACES must name the README's rows, no more, no fewer"
     for topic in topics:
         for place in page.PLACES[topic]:
             assert page.place_anchors(place, pairs, alone), (topic, place)
+
+
+def defined_tests():
+    """{file: names of its test functions}, read with ast here, apart from the page's own reading."""
+    functions = {}
+    for path in sorted((REPO / "tests").glob("test_*.py")):
+        functions[f"tests/{path.name}"] = {node.name for node in ast.parse(path.read_text()).body
+                                           if isinstance(node, ast.FunctionDef) and node.name.startswith("test_")}
+    return functions
+
+
+def test_every_row_of_a_pinned_table_names_tests_that_exist(views):
+    """The tables with a "pinned by" column: every row names at least one test, and each is a test
+    function of the tests folder (a test renamed or removed fails here, and the page says so). The
+    options table names every test of tests/test_options.py, each in its row, and no other."""
+    pairs, alone = views
+    tables = page.difference_tables(pairs, alone, REPO / "README.md")[0]
+    functions = defined_tests()
+    pinned = [table for table in tables if table["rows"][0]["tests"]]
+    assert [table["title"] for table in pinned] == ["Over several workers", "Batch-norm options across frameworks"]
+    for table in pinned:
+        for row in table["rows"]:
+            assert row["tests"], (table["title"], row["topic"])
+            for test in row["tests"]:
+                file, _, name = test["id"].partition("::")
+                assert test["found"] and name in functions.get(file, ()), (row["topic"], test)
+    options = [test for row in pinned[1]["rows"] for test in row["tests"]]
+    assert {test["id"].partition("::")[0] for test in options} == {"tests/test_options.py"}
+    assert sorted(test["name"] for test in options) == sorted(functions["tests/test_options.py"])
+
+
+def test_a_test_renamed_is_flagged_on_the_page(tmp_path):
+    """The one-line change: a test of the options table renamed in tests/test_options.py alone."""
+    root = copy_of_the_repository(tmp_path)
+    path = root / "tests" / "test_options.py"
+    source = path.read_text()
+    assert source.count("def test_pytorch_eps_is_flax_epsilon(") == 1
+    path.write_text(source.replace("def test_pytorch_eps_is_flax_epsilon(", "def test_eps_is_epsilon(", 1))
+    html = page.render(root=root)
+    missing = re.search(r'<div class="problems" id="missing-tests">(.*?)</div>', html, re.S)
+    assert missing and "`eps`: test_pytorch_eps_is_flax_epsilon" in missing.group(1)
+    assert "pinned by <code>tests/test_options.py::test_pytorch_momentum_is_one_minus_flax_momentum</code>" in html
+    assert 'id="missing-tests"' not in page.render(root=REPO)
 
 
 def test_the_readme_is_the_tables_single_source(tmp_path):

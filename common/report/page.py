@@ -68,6 +68,7 @@ TWINS_BY_OTHER_NAME = [
 # docstring or comment, which says why; any other definition without a twin is a twin that was
 # renamed or removed on one side only, and the page and the tests say so.
 WITHOUT_TWIN = {
+    (("pytorch", "flax"), "batch_norm.py"): {"flax": ["VARIANCE_NAMES", "reset_running_stats"]},
     (("flax", "linen"), "batch_norm.py"): {"flax": ["BatchNorm.__init__"]},
     (("pytorch", "flax"), "lenet.py"): {"flax": ["promote_input_only", "to_flax_layout", "from_flax_layout"]},
     (("flax", "linen"), "lenet.py"): {"flax": ["promote_input_only"], "linen": ["Model"]},
@@ -91,9 +92,9 @@ WITHOUT_TWIN_REASONS = {
                                                     "training gets the moving statistics back",
 }
 
-# Where the code implements, or works around, each row of the README's tables "Where the frameworks
-# differ" and "Over several workers": the row's topic (its first cell, as written there) ->
-# [(file, definition)] or [(file, definition, framework)] for a place in one framework only.
+# Where the code implements, or works around, each row of the README's tables (DIFFERENCE_TABLES):
+# the row's topic (its first cell, as written there) -> [(file, definition)] or [(file, definition,
+# framework)] for a place in one framework only.
 PLACES = {
     # Where the frameworks differ
     "momentum": [("batch_norm.py", "MOMENTUM"), ("lenet.py", "make_batch_norm")],
@@ -124,10 +125,35 @@ PLACES = {
                                         ("data_parallel.py", "DataParallelTrainer.finish")],
     "gradients": [("data_parallel.py", "worker_loss_and_counts")],
     "a rendezvous that cannot be reached": [("data_parallel.py", "start_workers")],
+    # Batch-norm options across frameworks
+    "`eps`": [("batch_norm.py", "EPS"), ("lenet.py", "make_batch_norm")],
+    "`momentum`, its two conventions": [("batch_norm.py", "builtin_momentum"), ("lenet.py", "make_batch_norm")],
+    "`momentum=None`": [("batch_norm.py", "cumulative_average_momentum")],
+    "statistics frozen in training": [("batch_norm.py", "builtin_momentum")],
+    "`affine=False`": [("lenet.py", "BATCH_NORM_FIELDS")],
+    "initial scale and bias": [("batch_norm.py", "BatchNorm.__init__"), ("batch_norm.py", "BatchNorm.__call__", "linen"),
+                               ("lenet.py", "build_lenet")],
+    "`track_running_stats=False`": [("batch_norm.py", "batch_norm")],
+    "`reset_running_stats()`": [("batch_norm.py", "reset_running_stats")],
+    "`num_batches_tracked`": [("lenet.py", "build_lenet", "pytorch"), ("batch_norm.py", "cumulative_average_momentum")],
+    "feature axis": [("batch_norm.py", "batch_norm"), ("batch_norm.py", "check_input")],
+    "`use_fast_variance`": [("lenet.py", "make_batch_norm")],
+    "`force_float32_reductions` (Linen)": [("lenet.py", "make_batch_norm", "linen")],
+    "`promote_dtype` (NNX)": [("lenet.py", "promote_input_only", "flax"), ("lenet.py", "make_batch_norm", "flax")],
+    "`mask=` (Flax)": [("batch_norm.py", "batch_norm", "flax"), ("data_parallel.py", "MeshTrainer")],
+    "grouped statistics": [("batch_norm.py", "sum_over_workers"), ("lenet.py", "make_batch_norm")],
+    "`jit` over a sharded batch, `shard_map`": [("data_parallel.py", "build_lenet"),
+                                                ("data_parallel.py", "train_on_shards", "flax")],
+    "DDP's `broadcast_buffers`": [("data_parallel.py", "DataParallelTrainer.__init__"),
+                                  ("data_parallel.py", "DataParallelTrainer.finish")],
 }
 
 # The README's tables that the page shows, by the heading above each.
-DIFFERENCE_TABLES = ("Where the frameworks differ", "Over several workers")
+DIFFERENCE_TABLES = ("Where the frameworks differ", "Over several workers", "Batch-norm options across frameworks")
+# The column of a table that names the tests pinning each row (`test_name`, or
+# `tests/file.py::test_name` for a test of another file than the table's first), and the folder they are in.
+PINNED_BY = "pinned by"
+TESTS = "tests"
 
 
 # ---------------------------------------------------------------------------
@@ -646,12 +672,40 @@ def place_anchors(place, views, alone_views):
     return anchors
 
 
-def difference_tables(views, alone_views, readme):
-    """The README's tables for the template: each row's cells as HTML, its places with their links;
-    and, for each source row, the topics it implements (for links back)."""
+TEST_NAME = re.compile(r"`((?:tests/[\w/]+\.py::)?test_\w+)`")
+
+
+def test_functions(folder):
+    """{name: [files]} of the test functions of every test_*.py in `folder` (ast: nothing imported)."""
+    functions = {}
+    for path in sorted(folder.glob("test_*.py")):
+        for node in ast.parse(path.read_text(), filename=str(path)).body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name.startswith("test_"):
+                functions.setdefault(node.name, []).append(f"{folder.name}/{path.name}")
+    return functions
+
+
+def pinned_tests(cell, functions):
+    """The tests a "pinned by" cell names, as {name, id (pytest's: file::name), found}. A bare name
+    is found where exactly one test file defines it; file::name, where that file does."""
+    tests = []
+    for written in TEST_NAME.findall(cell):
+        file, _, name = written.rpartition("::")
+        files = functions.get(name, [])
+        where = (file if file in files else None) if file else (files[0] if len(files) == 1 else None)
+        tests.append({"name": name, "id": f"{where}::{name}" if where else written, "found": where is not None})
+    return tests
+
+
+def difference_tables(views, alone_views, readme, tests_folder=None):
+    """The README's tables for the template: each row's cells as HTML, its places with their links,
+    the tests that pin it (a table's PINNED_BY column, resolved in tests_folder: the README's
+    folder's tests/ by default); and, for each source row, the topics it implements (for links back)."""
+    functions = test_functions(tests_folder or readme.parent / TESTS)
     tables, back_links = [], {}
     for title, (header, rows) in readme_tables(readme).items():
         table_rows = []
+        pinned_by = header.index(PINNED_BY) if PINNED_BY in header else None
         for cells in rows:
             topic = cells[0]
             anchor = f"difference--{slug(topic)}"
@@ -661,7 +715,8 @@ def difference_tables(views, alone_views, readme):
                 places.append({"file": place[0], "name": place[1], "links": links})
                 for _, row_anchor in links:
                     back_links.setdefault(row_anchor, []).append((topic, anchor))
-            table_rows.append({"topic": topic, "anchor": anchor, "places": places,
+            tests = pinned_tests(cells[pinned_by], functions) if pinned_by is not None else []
+            table_rows.append({"topic": topic, "anchor": anchor, "places": places, "tests": tests,
                                "cells": [Markup(markdown().renderInline(cell)) for cell in cells]})
         tables.append({"title": title, "anchor": slug(title).lower(),
                        "header": [Markup(markdown().renderInline(cell)) for cell in header], "rows": table_rows})
@@ -762,6 +817,8 @@ def render(results=None, bench=None, out=None, root=ROOT):
         missing_places=[row["topic"] for table in tables for row in table["rows"] if not row["places"]] + [
             f"{row['topic']}: {place['name']} ({place['file']})" for table in tables for row in table["rows"]
             for place in row["places"] if not place["links"]],
+        missing_tests=[f"{row['topic']}: {test['id']}" for table in tables for row in table["rows"]
+                       for test in row["tests"] if not test["found"]],
         run=results_view(results, bench, out), max_indent=MAX_INDENT,
         highlight_css=Markup(HtmlFormatter(style="default").get_style_defs(".code"))) + "\n"
 
