@@ -15,7 +15,6 @@ Over workers, PyTorch's are 4 processes over gloo, launched once for the module
 (tests/parallel_workers.py); JAX's are 4 host devices of this process (tests/conftest.py).
 """
 
-import warnings
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -468,8 +467,9 @@ def test_track_running_stats_false_is_batch_statistics_at_inference():
         assert_same_numbers("nn.BatchNorm(track_running_stats=False)", torch_trace, api, trace, statistics=False)
     # The scratch batch_norm's training mode at inference, its returned statistics dropped: the same.
     test = torch.from_numpy(batches.test)
-    Y, _, _ = torch_bn.batch_norm(test, layer.weight.detach(), layer.bias.detach(), torch.zeros_like(test[0, :, 0, 0]),
-                                  torch.ones_like(test[0, :, 0, 0]), torch_bn.EPS, torch_bn.MOMENTUM, training=True)
+    start = torch.zeros(batches.channels, dtype=torch.float64), torch.ones(batches.channels, dtype=torch.float64)
+    Y, _, _ = torch_bn.batch_norm(test, layer.weight.detach(), layer.bias.detach(), *start, torch_bn.EPS,
+                                  torch_bn.MOMENTUM, training=True)
     np.testing.assert_allclose(Y.numpy(), torch_trace.inference, atol=FLOAT64_PASS)
     # nnx.BatchNorm's statistics moved with the inference batch.
     nnx_batch_norm = nnx_layer(batches)
@@ -506,8 +506,8 @@ def test_reset_running_stats_is_flax_statistics_set_to_0_and_1():
 
 
 def test_num_batches_tracked_counts_training_forward_passes():
-    """nn.BatchNorm's num_batches_tracked counts forward passes in training mode (not in eval(),
-    with or without gradients); with a fixed momentum no number depends on it, with momentum=None the
+    """nn.BatchNorm's num_batches_tracked counts forward passes in training mode, with or without
+    gradients (not in eval()); with a fixed momentum no number depends on it, with momentum=None the
     next step's momentum is cumulative_average_momentum of it. It is in the state_dict; one without
     it loads, and the layer keeps its own count. Flax counts nothing: its statistics are a mean and
     a variance."""
@@ -539,7 +539,8 @@ def test_num_batches_tracked_counts_training_forward_passes():
     loaded.load_state_dict(state)
     assert int(loaded.num_batches_tracked) == 7
     assert sorted(nnx.to_pure_dict(nnx.state(nnx_layer(batches), nnx.BatchStat))) == ["mean", "var"]
-    assert sorted(train_linen(linen_module(), batches).state["batch_stats"]) == ["mean", "var"]
+    variables = linen_module().init(jax.random.key(0), jnp.asarray(batches.train[0]), use_running_average=False)
+    assert sorted(variables["batch_stats"]) == ["mean", "var"]
 
 
 # --- how the input is read --------------------------------------------------------------------
@@ -795,11 +796,21 @@ def test_sync_batch_norm_with_a_process_group_is_axis_index_groups(option_worker
             np.testing.assert_allclose(per_worker[worker]["running_var"], 0.9 + 0.1 * var * n / (n - 1), rtol=1e-12)
 
 
-def nn_batch_norm_on(X, momentum):
-    """One training forward of nn.BatchNorm1d on X: (output, running mean, running variance)."""
-    layer = torch.nn.BatchNorm1d(X.shape[1], momentum=momentum, dtype=torch.float64)
+def nn_batch_norm_on(X):
+    """One training forward of nn.BatchNorm1d (the project's settings) on X: (output, running mean,
+    running variance)."""
+    layer = torch.nn.BatchNorm1d(X.shape[1], dtype=torch.float64, **TORCH_SETTINGS)
     Y = layer(torch.from_numpy(np.asarray(X))).detach().numpy()
     return Y, layer.running_mean.numpy(), layer.running_var.numpy()
+
+
+def assert_is_nn_batch_norm_on(label, X, Y, mean, var):
+    """Output and moving statistics of a Flax layer (variance biased) as nn.BatchNorm1d's on X."""
+    expected = nn_batch_norm_on(X)
+    np.testing.assert_allclose(np.asarray(Y), expected[0], atol=FLOAT64_PASS, err_msg=f"{label}: output")
+    np.testing.assert_allclose(np.asarray(mean), expected[1], atol=FLOAT64_PASS, err_msg=f"{label}: moving mean")
+    np.testing.assert_allclose(pytorch_variances([var], [flax_bn.MOMENTUM], len(X))[0], expected[2],
+                               atol=FLOAT64_PASS, err_msg=f"{label}: moving variance")
 
 
 def test_jit_over_a_sharded_batch_is_global_and_shard_map_per_device():
@@ -808,43 +819,33 @@ def test_jit_over_a_sharded_batch_is_global_and_shard_map_per_device():
     nn.SyncBatchNorm's; under shard_map (and pmap) each device's own, as each DDP replica's. Code
     moved from pmap to jit changes them without a word (AlgoPerf, commit 47beba15); shard_map with
     axis_name is the whole batch's again."""
-    batches, cotangents, gamma, beta = parallel_workers.option_inputs()
+    batches, cotangents, _, _ = parallel_workers.option_inputs()
     X, cotangent = batches[0], cotangents[0]
-    momentum = flax_bn.builtin_momentum(flax_bn.MOMENTUM)
-    whole_batch = nn_batch_norm_on(X, torch_bn.builtin_momentum(flax_bn.MOMENTUM))
+    channels = X.shape[1]
     mesh = host_mesh()
     sharded = jax.device_put(jnp.asarray(X), NamedSharding(mesh, P(AXIS)))
-    layer = nnx.BatchNorm(X.shape[1], dtype=jnp.float64, param_dtype=jnp.float64, rngs=nnx.Rngs(0), **FLAX_SETTINGS)
-    layer.mean.set_value(jnp.zeros(X.shape[1]))
-    layer.var.set_value(jnp.ones(X.shape[1]))
+    layer = nnx.BatchNorm(channels, dtype=jnp.float64, param_dtype=jnp.float64, rngs=nnx.Rngs(0), **FLAX_SETTINGS)
+    layer.mean.set_value(jnp.zeros(channels))
+    layer.var.set_value(jnp.ones(channels))
     Y = nnx.jit(lambda layer, X: layer(X))(layer, sharded)
+    assert_is_nn_batch_norm_on("nnx.BatchNorm under jax.jit", X, Y, layer.mean[...], layer.var[...])
     module = linen_module()
-    variables = jax.tree.map(lambda value: jnp.asarray(value, jnp.float64), dict(module.init(jax.random.key(0), X,
-                                                                                   use_running_average=False)))
-    linen_Y, changed = jax.jit(lambda variables, X: module.apply(variables, X, use_running_average=False,
-                                                                 mutable=["batch_stats"]))(variables, sharded)
-    n = X.shape[0]
-    for label, (output, mean, var) in (("nnx.BatchNorm under jax.jit", (Y, layer.mean[...], layer.var[...])),
-                                       ("linen.BatchNorm under jax.jit", (linen_Y, changed["batch_stats"]["mean"],
-                                                                          changed["batch_stats"]["var"]))):
-        np.testing.assert_allclose(np.asarray(output), whole_batch[0], atol=FLOAT64_PASS, err_msg=label)
-        np.testing.assert_allclose(np.asarray(mean), whole_batch[1], atol=FLOAT64_PASS, err_msg=label)
-        np.testing.assert_allclose(pytorch_variances([var], [momentum], n)[0], whole_batch[2], atol=FLOAT64_PASS,
-                                   err_msg=label)
+    variables = jax.tree.map(lambda value: jnp.asarray(value, jnp.float64),
+                             dict(module.init(jax.random.key(0), X, use_running_average=False)))
+    Y, changed = jax.jit(lambda variables, X: module.apply(variables, X, use_running_average=False,
+                                                           mutable=["batch_stats"]))(variables, sharded)
+    assert_is_nn_batch_norm_on("linen.BatchNorm under jax.jit", X, Y, changed["batch_stats"]["mean"],
+                               changed["batch_stats"]["var"])
+    ones, zeros = np.ones(channels), np.zeros(channels)
     for api in ("nnx", "linen"):
-        per_device = flax_layer_on_workers(api, jnp.asarray(X), jnp.asarray(cotangent), np.ones(X.shape[1]),
-                                           np.zeros(X.shape[1]), mesh, AXIS)
+        per_device = flax_layer_on_workers(api, jnp.asarray(X), jnp.asarray(cotangent), ones, zeros, mesh, AXIS)
         rows = len(X) // len(per_device)
         for worker, result in enumerate(per_device):
-            Y_shard, mean_shard, var_shard = nn_batch_norm_on(X[worker * rows:(worker + 1) * rows],
-                                                              torch_bn.builtin_momentum(flax_bn.MOMENTUM))
-            np.testing.assert_allclose(result["Y"], Y_shard, atol=FLOAT64_PASS, err_msg=f"{api}, worker {worker}")
-            np.testing.assert_allclose(result["moving_mean"], mean_shard, atol=FLOAT64_PASS)
-            np.testing.assert_allclose(pytorch_variances([result["moving_var"]], [momentum], rows)[0], var_shard,
-                                       atol=FLOAT64_PASS)
-        global_again = flax_layer_on_workers(api, jnp.asarray(X), jnp.asarray(cotangent), np.ones(X.shape[1]),
-                                             np.zeros(X.shape[1]), mesh, AXIS, axis_name=AXIS)
-        np.testing.assert_allclose(np.concatenate([result["Y"] for result in global_again]), whole_batch[0],
+            assert_is_nn_batch_norm_on(f"{api} under shard_map, worker {worker}", X[worker * rows:(worker + 1) * rows],
+                                       result["Y"], result["moving_mean"], result["moving_var"])
+        global_again = flax_layer_on_workers(api, jnp.asarray(X), jnp.asarray(cotangent), ones, zeros, mesh, AXIS,
+                                             axis_name=AXIS)
+        np.testing.assert_allclose(np.concatenate([result["Y"] for result in global_again]), nn_batch_norm_on(X)[0],
                                    atol=FLOAT64_PASS, err_msg=f"{api} under shard_map with axis_name")
 
 
