@@ -716,7 +716,9 @@ def difference_tables(views, alone_views, readme, tests_folder=None):
                 for _, row_anchor in links:
                     back_links.setdefault(row_anchor, []).append((topic, anchor))
             tests = pinned_tests(cells[pinned_by], functions) if pinned_by is not None else []
+            test_files = sorted({test["id"].split("::")[0] for test in tests if test["found"]})
             table_rows.append({"topic": topic, "anchor": anchor, "places": places, "tests": tests,
+                               "test_files": test_files,
                                "cells": [Markup(markdown().renderInline(cell)) for cell in cells]})
         tables.append({"title": title, "anchor": slug(title).lower(),
                        "header": [Markup(markdown().renderInline(cell)) for cell in header], "rows": table_rows})

@@ -2,8 +2,9 @@
 
 `batch_norm` holds the mathematics, `BatchNorm` the bookkeeping (parameters, moving
 statistics, training versus inference), as in the chapter. The mathematics is JAX's, whichever
-Flax API wraps it: `batch_norm`, `check_input` and `sum_over_workers` are the NNX edition's own.
-What Linen changes is the bookkeeping: its modules hold no state.
+Flax API wraps it: `batch_norm`, `check_input` and `sum_over_workers` are the NNX edition's own,
+and so are the helpers for the built-ins' options (`builtin_momentum`, `cumulative_average_momentum`,
+`reset_running_stats`). What Linen changes is the bookkeeping: its modules hold no state.
 """
 
 from typing import Any

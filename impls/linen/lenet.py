@@ -32,8 +32,8 @@ def make_batch_norm(norm, num_features, num_dims, dtype, param_dtype, axis_name=
     # linen.BatchNorm computes E[x^2] - E[x]^2 by default; the two-pass variance matches the others.
     # Its batch statistics are float32 whatever `dtype`, its output's type, and its scale, bias and
     # running statistics stay in theirs (force_float32_reductions), where NNX's needs telling.
-    return nn.BatchNorm(momentum=builtin_momentum(MOMENTUM), epsilon=EPS, use_fast_variance=False, axis_name=axis_name,
-                        dtype=dtype, param_dtype=param_dtype)
+    return nn.BatchNorm(momentum=builtin_momentum(MOMENTUM), epsilon=EPS, use_fast_variance=False,
+                        axis_name=axis_name, dtype=dtype, param_dtype=param_dtype)
 
 
 class LeNet(nn.Module):
