@@ -1104,6 +1104,8 @@ def test_every_row_of_the_tables_of_differences_leads_to_its_place(any_page):
     tables = {table["section"]: table["rows"] for table in seen["tables"]}
     assert [row["topic"] for row in tables["where-the-frameworks-differ"]] == readme_topics("## Where the frameworks differ")
     assert [row["topic"] for row in tables["over-several-workers"]] == readme_topics("### Over several workers")
+    assert [row["topic"] for row in tables["batch-norm-options-across-frameworks"]] == readme_topics(
+        "### Batch-norm options across frameworks")
     for row in (row for rows in tables.values() for row in rows):
         assert row["places"], row["topic"]
         for place in row["places"]:
