@@ -4,9 +4,12 @@
     python compare.py --epochs 1 --max-batches 20 --impls torch-scratch,flax-scratch
     python compare.py --data-parallel 2    # each batch shared by 2 workers, batch norm over all of it
     torchrun --nproc-per-node 2 compare.py # the same, each process started by torchrun
+    python compare.py --evaluate runs/X/checkpoints   # each trained model in each implementation
+    python compare.py --init runs/X/checkpoints/torch-builtin.pt   # train on from a checkpoint
 
 Every implementation starts from the same canonical weights (common/init.py) and sees the same
-batches in the same order (common/data.py); the report says how far they drift apart.
+batches in the same order (common/data.py); the report says how far they drift apart, and
+<out>/checkpoints/ keeps each trained model in files any of the six loads (common/checkpoint.py).
 """
 
 import argparse
@@ -17,11 +20,13 @@ import time
 
 import numpy as np
 
+from common import checkpoint
 from common.report import console, page
 from common.report import results as saved_results
+from common.checkpoint import CheckpointError
 from common.data import DataError, load_fashion_mnist, shard_bounds
-from common.harness import (IMPLEMENTATIONS, MODES, PRECISIONS, data_parallel_module, parse_implementations,
-                            run_implementation, select_devices)
+from common.harness import (IMPLEMENTATIONS, MODES, PRECISIONS, cross_evaluate, data_parallel_module,
+                            parse_implementations, run_implementation, select_devices)
 from common.init import PARAMETER_NAMES, SHAPING_PARAMETER_NAMES, canonical_weights
 from common.parallel import DataParallelError, launch_environment, launch_local_workers, pytorch_worker
 
@@ -123,6 +128,20 @@ def parse_args(argv=None):
                                "statistics), or over each worker's shard alone")
     parallel.add_argument("--worker-timeout", type=positive_int, default=300, metavar="SECONDS",
                           help="how long a worker waits for the others: at the rendezvous and at every collective")
+    trained = parser.add_argument_group("trained models (every run writes each into <out>/checkpoints/)")
+    trained.add_argument("--init", metavar="FILE", default=None,
+                         help="start every implementation from this checkpoint instead of the canonical "
+                              "initialisation: a .safetensors file of a run's checkpoints/, a PyTorch "
+                              "state_dict of this LeNet, or an Orbax folder of NNX or Linen (cast to --dtype)")
+    trained.add_argument("--running-var", choices=("keep", "convert"), default="keep",
+                         help="with --init: keep the moving variances as stored (each implementation then "
+                              "predicts what the checkpoint's did), or convert them to each implementation's "
+                              "convention (torch-builtin keeps the unbiased variance, the others the biased) by "
+                              "n/(n-1), n the values per channel in a batch of --batch-size")
+    trained.add_argument("--evaluate", nargs="+", metavar="PATH", default=None,
+                         help="train nothing: load each checkpoint (files, or a run's checkpoints/ folder) into "
+                              "each of --impls and evaluate it on the test set, in its own dtype: test accuracy "
+                              "and the largest logit difference from the implementation it was trained in")
     bench = parser.add_argument_group("benchmark (instead of the experiment)")
     bench.add_argument("--bench", action="store_true",
                        help="measure steady-state training throughput of each implementation in both modes "
@@ -163,6 +182,15 @@ def parse_args(argv=None):
             parser.error(f"--data-parallel {args.data_parallel} with --batch-size {args.batch_size}: a worker's "
                          f"shard would hold {smallest} example(s), and batch norm in training needs at least 2 per "
                          "worker; use fewer workers or larger batches")
+    if args.evaluate is not None:
+        for flag, given in (("--init", args.init), ("--bench", args.bench), ("--side-by-side", args.side_by_side),
+                            ("torchrun", launch), ("--data-parallel", args.data_parallel > 1)):
+            if given:
+                parser.error(f"--evaluate trains nothing: leave out {flag}")
+    if args.init is not None and args.bench:
+        parser.error("--bench measures from the canonical initialisation: leave out --init")
+    if args.running_var != "keep" and args.init is None:
+        parser.error(f"--running-var {args.running_var} converts the moving variances of --init FILE: give one")
     if args.out is None:
         args.out = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     return args
@@ -251,11 +279,94 @@ def stop_workers(workers):
         data_parallel_module(framework).stop_workers(its_workers)
 
 
+def initial_weights(args, init, dtype, reports):
+    """{name: the weights it starts from}: the canonical ones, or --init's, cast to the run's dtype and,
+    with --running-var convert, with moving variances in each implementation's convention."""
+    if init is None:
+        weights = canonical_weights(args.seed, dtype)
+        return {name: weights for name in args.impls}
+    weights = init.weights
+    stored = weights["conv1.weight"].dtype
+    if stored != dtype:
+        weights = checkpoint.cast(weights, dtype)
+        if reports:
+            print(f"--init {args.init}: {stored} weights, cast to {dtype} for this run")
+    if args.running_var == "keep":
+        return {name: weights for name in args.impls}
+    try:
+        return {name: checkpoint.convert_running_variance(weights, init.metadata.get("running_var"),
+                                                          checkpoint.running_variance_of(name), args.batch_size)
+                for name in args.impls}
+    except CheckpointError as error:
+        sys.exit(f"error: --running-var convert: {args.init}: {error}")
+
+
+def write_checkpoints(args, runs, snapshots, init):
+    """Each implementation that trained to the end, in every format, into <out>/checkpoints/:
+    {name: [its files, relative to --out]}."""
+    folder = os.path.join(args.out, checkpoint.FOLDER)
+    steps_per_epoch = min(-(-TRAIN_EXAMPLES // args.batch_size), args.max_batches or TRAIN_EXAMPLES)
+    steps_before = int(init.metadata.get("steps", 0)) if init is not None else 0
+    written = {}
+    for name, run in runs.items():
+        if "not_run" in run or run["diverged_at_step"] or not run["epochs"]:
+            continue
+        weights = snapshots[name][-1]["weights"]
+        metadata = checkpoint.metadata_for(
+            name, weights, steps_before + steps_per_epoch * len(run["epochs"]), args.batch_size, args.lr, args.seed,
+            run["epochs"][-1]["test_acc"], precision=args.dtype,
+            init=f"{args.init} (--running-var {args.running_var})" if init else f"canonical, seed {args.seed}")
+        written[name] = [os.path.relpath(path, args.out) for path in checkpoint.write(folder, name, weights, metadata)]
+    return written
+
+
+def evaluate_checkpoints(args):
+    """compare.py --evaluate: every checkpoint in every selected implementation; nothing trained."""
+    try:
+        checkpoints = checkpoint.read_all(args.evaluate)
+    except CheckpointError as error:
+        sys.exit(f"error: --evaluate: {error}")
+    # A checkpoint that does not say where it was trained is measured against the first column.
+    sources = [(ported.label, ported.source or args.impls[0], ported.weights) for ported in checkpoints]
+    dtypes = {ported.weights["conv1.weight"].dtype for ported in checkpoints}
+    names = list(dict.fromkeys(args.impls + [source for _, source, _ in sources]))
+    try:
+        devices = select_devices(names, args.device, max(dtypes, key=lambda dtype: dtype.itemsize), args.tf32)
+    except RuntimeError as error:
+        sys.exit(f"error: --device cuda: {error}")
+    try:
+        _, _, test_images, test_labels = load_fashion_mnist(args.data_dir)
+    except DataError as error:
+        sys.exit(f"error: {error}")
+    os.makedirs(args.out, exist_ok=True)
+    saved_results.remove_stale(args.out)
+    evaluation = cross_evaluate(sources, args.impls, test_images, test_labels, devices, args.batch_size,
+                                progress=not args.no_progress)
+    evaluation["files"] = [ported.path for ported in checkpoints]
+    results = {"config": {"evaluate": args.evaluate, "impls": args.impls, "device": args.device, "tf32": args.tf32,
+                          "batch_size": args.batch_size},
+               "environment": saved_results.environment(devices),
+               "evaluation": evaluation}
+    console.print_evaluation(results)
+    paths = saved_results.write_all(results, args.out)
+    print(f"\nwrote {', '.join(paths)}")
+    return 0
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.side_by_side:
         print(f"wrote {page.write(args.out)}")
         return 0
+    if args.evaluate is not None:
+        return evaluate_checkpoints(args)
+    init = None
+    if args.init is not None:
+        # Read and checked before anything starts, trains or is written.
+        try:
+            init = checkpoint.read(args.init)
+        except CheckpointError as error:
+            sys.exit(f"error: --init: {error}")
     launch = launch_environment()
     reports = launch is None or launch.rank == 0  # under torchrun, worker 0 reports
     dtype = np.dtype(PRECISIONS[args.dtype][0])  # the parameters'
@@ -292,11 +403,12 @@ def main(argv=None):
         return 0
     if reports:
         saved_results.remove_stale(args.out)
+        checkpoint.remove_stale(args.out)
 
     if reports:
         for name, reason in reasons.items():
             print(f"{name}: not run: {reason}", file=sys.stderr)
-    weights = canonical_weights(args.seed, dtype)
+    weights = initial_weights(args, init, dtype, reports)
     runs, snapshots = train_all(args, launch, weights, data, devices, workers, reasons)
     reference = None
     if PRECISIONS[args.dtype][1] is not None:
@@ -311,6 +423,7 @@ def main(argv=None):
     ran = [name for name in args.impls if "not_run" not in runs[name]]
     results = {
         "config": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+                   **({"init": args.init, "running_var": args.running_var} if init is not None else {}),
                    "dtype": args.dtype, "tf32": args.tf32, "impls": args.impls, "device": args.device,
                    "mode": args.mode, "max_batches": args.max_batches,
                    "precision": {"parameters": PRECISIONS[args.dtype][0],
@@ -327,6 +440,7 @@ def main(argv=None):
         reference_runs, reference_snapshots = reference
         results["float32_reference"] = {"runs": {name: reference_runs[name] for name in args.impls},
                                         "drift": drift_from_reference(snapshots, reference_snapshots, ran)}
+    results["checkpoints"] = write_checkpoints(args, runs, snapshots, init)
     console.print_report(results)
     paths = saved_results.write_all(results, args.out)
     print(f"\nwrote {', '.join(paths)}")
@@ -334,8 +448,8 @@ def main(argv=None):
 
 
 def train_all(args, launch, weights, data, devices, workers, reasons):
-    """Every implementation trained as compare.py's flags say: ({name: its entry of results.json},
-    {name: its snapshots}); the names in `reasons` are reported as not run."""
+    """Every implementation trained as compare.py's flags say, each from weights[name]: ({name: its
+    entry of results.json}, {name: its snapshots}); the names in `reasons` are reported as not run."""
     runs, snapshots = {}, {}
     for name, reason in reasons.items():
         runs[name], snapshots[name] = {"not_run": reason}, []
@@ -344,7 +458,8 @@ def train_all(args, launch, weights, data, devices, workers, reasons):
                      and args.data_parallel > 1 and launch is None]
     if local_pytorch:
         try:
-            results = launch_local_workers(pytorch_worker, (local_pytorch, args, weights), args.data_parallel)
+            pytorch_weights = {name: weights[name] for name in local_pytorch}
+            results = launch_local_workers(pytorch_worker, (local_pytorch, args, pytorch_weights), args.data_parallel)
         except DataParallelError as error:
             # A worker stopped mid-epoch leaves its progress bar's line unfinished: the error starts a new one.
             line_start = "" if args.no_progress else "\n"
@@ -354,7 +469,7 @@ def train_all(args, launch, weights, data, devices, workers, reasons):
     for name in args.impls:
         if name not in runs:
             framework = IMPLEMENTATIONS[name][0]
-            runs[name], snapshots[name] = run_implementation(name, weights, data, args, devices[framework],
+            runs[name], snapshots[name] = run_implementation(name, weights[name], data, args, devices[framework],
                                                              workers.get(framework))
     return runs, snapshots
 

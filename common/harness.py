@@ -255,6 +255,41 @@ def evaluate(run, images, labels, batch_size):
     return logits, accuracy
 
 
+def evaluate_weights(name, weights, images, labels, device, batch_size):
+    """Inference-mode logits for the whole test set and the accuracy of implementation `name`
+    holding `weights` (canonical, as common.checkpoint reads them), untrained."""
+    return evaluate(start_run(name, weights, 1.0, device), images, labels, batch_size)
+
+
+def cross_evaluate(sources, names, images, labels, devices, batch_size, progress=True):
+    """Each source -- (its label, the implementation it was trained in, its canonical weights) --
+    evaluated in each implementation of `names` on the test set: the accuracy, and the largest
+    difference of its logits from the source implementation's own (the diagonal: 0). The source
+    implementation is evaluated for that reference whether it is among `names` or not.
+    Returns the matrix as results.json keeps it (rows: sources; columns: names)."""
+    bar = tqdm(total=len(sources) * len(names), desc="evaluating", unit="model", leave=False, disable=not progress)
+    accuracies, differences, own_accuracies = [], [], []
+
+    def device_of(name):
+        return devices[IMPLEMENTATIONS[name][0]]
+    for _, source, weights in sources:
+        own_logits, own_accuracy = evaluate_weights(source, weights, images, labels, device_of(source), batch_size)
+        own_accuracies.append(own_accuracy)
+        row_accuracies, row_differences = [], []
+        for name in names:
+            logits, accuracy = ((own_logits, own_accuracy) if name == source else
+                                evaluate_weights(name, weights, images, labels, device_of(name), batch_size))
+            row_accuracies.append(accuracy)
+            row_differences.append(float(np.max(np.abs(logits.astype(np.float64) - own_logits))))
+            bar.update()
+        accuracies.append(row_accuracies)
+        differences.append(row_differences)
+    bar.close()
+    return {"rows": [label for label, _, _ in sources], "sources": [source for _, source, _ in sources],
+            "columns": list(names), "dtypes": [weights[next(iter(weights))].dtype.name for _, _, weights in sources],
+            "source_test_acc": own_accuracies, "test_acc": accuracies, "max_abs_logit_diff": differences}
+
+
 def print_epoch(name, epoch):
     tqdm.write(f"{name:14s} epoch {epoch['epoch']:2d}: loss {epoch['train_loss']:.3f}, "
                f"train acc {epoch['train_acc']:.3f}, test acc {epoch['test_acc']:.3f}")

@@ -40,6 +40,10 @@ BIASES_BEFORE_BATCH_NORM = tuple(
 )
 # The parameters that shape the outputs: all but those biases.
 SHAPING_PARAMETER_NAMES = tuple(name for name in PARAMETER_NAMES if name not in BIASES_BEFORE_BATCH_NORM)
+# The values each example adds to one channel's batch statistics: the height x width of the feature
+# map the layer normalises (conv1: 28 - 5 + 1 = 24; conv2 after 2x2 pooling: 12 - 5 + 1 = 8), one
+# after a Linear layer. A batch of B gives n = B x this per channel, the n of PyTorch's n/(n-1).
+VALUES_PER_EXAMPLE = {"bn1": 24 * 24, "bn2": 8 * 8, "bn3": 1, "bn4": 1}
 MOVING_STAT_NAMES = tuple(
     f"{name}.{field}" for name in BATCH_NORM_LAYERS for field in ("moving_mean", "moving_var")
 )

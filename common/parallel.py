@@ -146,8 +146,8 @@ def failure_message(failure):
 
 def pytorch_worker(names, settings, weights):
     """One of the PyTorch workers that compare.py --data-parallel N starts on this machine (through
-    launch_local_workers): trains each named implementation on its shards. Returns worker 0's
-    {name: (entry of results.json, snapshots)}; the others return None."""
+    launch_local_workers): trains each named implementation on its shards, from weights[name].
+    Returns worker 0's {name: (entry of results.json, snapshots)}; the others return None."""
     from common import harness
     from common.data import load_fashion_mnist
 
@@ -156,7 +156,7 @@ def pytorch_worker(names, settings, weights):
     workers = parallel.start_workers(settings.device, settings.data_parallel, settings.worker_timeout)
     try:
         data = load_fashion_mnist(settings.data_dir)
-        results = {name: harness.run_implementation(name, weights, data, settings, workers.device, workers)
+        results = {name: harness.run_implementation(name, weights[name], data, settings, workers.device, workers)
                    for name in names}
     finally:
         parallel.stop_workers(workers)

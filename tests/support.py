@@ -21,6 +21,14 @@ def inputs(module, device, images, labels, dtype):
     return module.to_device(to_layout(images, module.LAYOUT), labels, device, dtype)
 
 
+def predict(name, weights, images):
+    """Inference-mode logits of implementation `name` holding `weights`, for NCHW images (numpy)."""
+    module, model, device = build(name, weights)
+    model.eval()
+    X, _ = inputs(module, device, images, np.zeros(len(images), np.int64), weights["conv1.weight"].dtype)
+    return module.to_numpy(module.predict(model, X))
+
+
 def trajectory(name, weights, train_images, train_labels, steps, batch_size=256, seed=0, lr=1.0, compute_dtype=None):
     """Train `steps` SGD steps on the shared batch order: (per-step losses, weights after every step,
     (module, model, optimizer))."""
@@ -59,5 +67,5 @@ def max_difference(a, b, keys):
     return max((float(np.max(np.abs(a[key].astype(np.float64) - b[key]))), key) for key in keys)
 
 
-__all__ = ["NAMES", "PARAMETER_NAMES", "MOVING_STAT_NAMES", "build", "inputs", "trajectory",
+__all__ = ["NAMES", "PARAMETER_NAMES", "MOVING_STAT_NAMES", "build", "inputs", "predict", "trajectory",
            "data_parallel_trajectory", "max_difference"]

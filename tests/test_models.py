@@ -16,7 +16,7 @@ from common.init import (BATCH_NORM_LAYERS, LAYERS, MOVING_STAT_NAMES, PARAMETER
 from impls.flax import batch_norm as flax_bn
 from impls.linen import batch_norm as linen_bn
 from impls.pytorch import batch_norm as torch_bn
-from tests.support import NAMES, build, inputs, max_difference
+from tests.support import NAMES, build, inputs, max_difference, predict
 from tests.tolerances import FLOAT32_PASS, FLOAT64_PASS, FLOAT64_TRAJECTORY, assert_close
 
 PAIRS = list(itertools.combinations(NAMES, 2))
@@ -131,13 +131,6 @@ def test_inference_mode_from_canonical_weights_agrees(first_batch):
 
 
 # --- inference after training: torch-builtin's unbiased running variance --------------------
-
-def predict(name, weights, images):
-    module, model, device = build(name, weights)
-    model.eval()
-    X, _ = inputs(module, device, images, np.zeros(len(images), np.int64), weights["conv1.weight"].dtype)
-    return module.to_numpy(module.predict(model, X))
-
 
 INFERENCE_AFTER_STEPS = 5
 

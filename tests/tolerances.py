@@ -14,6 +14,13 @@ FLOAT64_PASS = 1e-12
 # The same, in float32 (machine epsilon 1.2e-7): measured about 2e-6 on logits.
 FLOAT32_PASS = 1e-4
 
+# A trained float32 model moved into another implementation (tests/test_checkpoints.py): the same
+# weights, one inference pass in another framework's float32 kernels, relative to the logits' largest
+# magnitude (about 7 after 100 steps). Measured over every pair of the six, after the float32
+# trajectory's 100 steps: 6.0e-7 on the whole test set (4.3e-6 absolute), 5.4e-7 on its first 1,000
+# images. About 7x the measurement.
+FLOAT32_PORTED_LOGITS = 4e-6
+
 # After K SGD steps at lr 1.0 in float64, rounding differences compound through the updates.
 # Measured after 100 steps: about 1e-13 between the scratch layers and nnx.BatchNorm, 4e-11
 # against nn.BatchNorm, whose backward pass sums in another order. The issue asks for 1e-9.

@@ -92,7 +92,36 @@ def summary_rows(results):
 
 
 def summary_table(results):
-    header, rows = summary_rows(results)
+    return table(*summary_rows(results))
+
+
+def evaluation_rows(results):
+    """compare.py --evaluate's matrix as text cells: (header, rows), each cell 'accuracy / largest
+    logit difference' (the console's table and report.html's)."""
+    evaluation = results["evaluation"]
+    header = ("trained in \\ evaluated in", *evaluation["columns"])
+    rows = []
+    for label, accuracies, differences in zip(evaluation["rows"], evaluation["test_acc"],
+                                              evaluation["max_abs_logit_diff"]):
+        rows.append((label, *(f"{accuracy:.4f} / {difference:.1e}" for accuracy, difference in zip(accuracies,
+                                                                                                 differences))))
+    return header, rows
+
+
+def print_evaluation(results):
+    """The matrix of compare.py --evaluate, and what its cells are."""
+    evaluation = results["evaluation"]
+    print("\nEach checkpoint (row) evaluated in each implementation (column) on the test set: test accuracy /")
+    print("largest |logits - the logits of the implementation it was trained in|\n")
+    print(table(*evaluation_rows(results)))
+    print()
+    for label, source, dtype, path in zip(evaluation["rows"], evaluation["sources"], evaluation["dtypes"],
+                                          evaluation["files"]):
+        print(f"  {label}: {path}, {dtype}, its own logits from {source}")
+
+
+def table(header, rows):
+    """Left-aligned columns under a header and a rule."""
     widths = [max(len(str(row[i])) for row in (header, *rows)) for i in range(len(header))]
     lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip()
              for row in (header, *rows)]

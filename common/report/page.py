@@ -48,7 +48,7 @@ FRAMEWORKS = {
     "linen": Framework("Flax Linen", read_against="flax"),
 }
 # The order in which to read the mirrored files; any other file comes after these, by name.
-FILE_ORDER = ("batch_norm.py", "lenet.py", "train.py", "data_parallel.py")
+FILE_ORDER = ("batch_norm.py", "lenet.py", "train.py", "data_parallel.py", "checkpoint.py")
 
 # Twins whose names differ by the frameworks' conventions: (file, {framework: definition}, why).
 TWINS_BY_OTHER_NAME = [
@@ -80,6 +80,9 @@ WITHOUT_TWIN = {
     (("flax", "linen"), "train.py"): {
         "linen": ["TrainState", "Optimizer", "jitted_sgd_step", "state_for_step", "keep_state",
                   "logits_and_statistics", "jitted_loss_value_and_gradients"]},
+    (("pytorch", "flax"), "checkpoint.py"): {
+        "flax": ["checkpointer", "save_orbax", "is_orbax_folder", "orbax_tree_names", "read_orbax", "pure_dict"]},
+    (("flax", "linen"), "checkpoint.py"): {"flax": ["checkpointer", "pure_dict"]},
     (("pytorch", "flax"), "data_parallel.py"): {
         "flax": ["AXIS", "use_host_devices", "worker_value_and_gradients", "worker_train_step", "train_on_shards",
                  "MeshTrainer"]},
@@ -98,7 +101,7 @@ WITHOUT_TWIN_REASONS = {
 PLACES = {
     # Where the frameworks differ
     "momentum": [("batch_norm.py", "MOMENTUM"), ("lenet.py", "make_batch_norm")],
-    "running variance": [("batch_norm.py", "batch_norm")],
+    "running variance": [("batch_norm.py", "batch_norm"), ("checkpoint.py", "RUNNING_VARIANCE")],
     "variance formula": [("batch_norm.py", "batch_norm"), ("lenet.py", "make_batch_norm")],
     "layout": [("batch_norm.py", "batch_norm"), ("batch_norm.py", "check_input"), ("lenet.py", "to_flax_layout"),
                ("lenet.py", "from_flax_layout"), ("train.py", "LAYOUT")],
@@ -112,6 +115,8 @@ PLACES = {
                                                      ("train.py", "logits_and_statistics")],
     "running statistics' dtype": [("lenet.py", "make_batch_norm"), ("lenet.py", "build_lenet")],
     "train-mode batch of one": [("batch_norm.py", "check_input"), ("lenet.py", "check_batch")],
+    "a trained model on disk": [("checkpoint.py", "save_native"), ("checkpoint.py", "load_native"),
+                                ("checkpoint.py", "RUNNING_VARIANCE")],
     "float32 on NVIDIA GPUs (Ampere and later)": [("train.py", "allow_tf32")],
     "mixed precision (bfloat16)": [("lenet.py", "LeNet.__init__"), ("lenet.py", "LeNet.__call__"),
                                    ("lenet.py", "make_batch_norm"), ("lenet.py", "promote_input_only", "flax"),
@@ -749,8 +754,15 @@ def results_view(results, bench, out):
     """What the results part of the page shows, or None."""
     if results is None and bench is None:
         return None
-    view = {"results": results, "bench": bench, "plots": []}
-    if results is not None:
+    view = {"results": results, "bench": bench, "plots": [], "summary": None, "evaluation": None}
+    if results is not None and "evaluation" in results:
+        from common.report import console, plots  # noqa: PLC0415 (matplotlib, only when there are results)
+        path = Path(out) / f"{plots.EVALUATION}.svg"
+        view["evaluation"] = {"table": console.evaluation_rows(results),
+                              "svg": inline_svg(path, plots.EVALUATION) if path.exists() else None,
+                              "sources": list(zip(*(results["evaluation"][key] for key in
+                                                    ("rows", "files", "dtypes", "sources"))))}
+    if results is not None and "runs" in results:
         from common.report import console, plots  # noqa: PLC0415 (matplotlib, only when there are results)
         view["summary"] = console.summary_rows(results)
         for stem, title in ((plots.CURVES, "Training curves"), (plots.DIVERGENCE, "How far the implementations drift apart")):

@@ -1,5 +1,6 @@
 """The run's plots, each as PNG and SVG (report.html inlines the SVG): the chapter's training curves
-and how far the implementations drift apart."""
+and how far the implementations drift apart; for compare.py --evaluate, the matrix of checkpoints
+evaluated across the implementations."""
 
 import os
 
@@ -8,11 +9,14 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
+from matplotlib.colors import LogNorm  # noqa: E402
+
 from common.files import atomic_path  # noqa: E402
 
 CURVES = "curves"          # .png and .svg
 DIVERGENCE = "divergence"  # .png and .svg
-STEMS = (CURVES, DIVERGENCE)
+EVALUATION = "evaluation"  # .png and .svg: compare.py --evaluate's matrix
+STEMS = (CURVES, DIVERGENCE, EVALUATION)
 SUFFIXES = (".png", ".svg")
 # Where a difference is exactly 0, a log-scale plot shows it at this floor instead.
 LOG_FLOOR = 1e-17
@@ -84,3 +88,31 @@ def plot_divergence(results, out):
         axes[1].legend(*axes[0].get_legend_handles_labels(), fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))
     figure.suptitle(f"How far the implementations drift apart ({results['config']['dtype']})")
     return save(figure, out, DIVERGENCE)
+
+
+def plot_evaluation(results, out):
+    """compare.py --evaluate's matrix as a heat map: rows where each model was trained, columns where
+    it was evaluated; the colour the largest logit difference from its own implementation's (log
+    scale), each cell's text the test accuracy above that difference."""
+    evaluation = results["evaluation"]
+    rows, columns = evaluation["rows"], evaluation["columns"]
+    figure, axis = plt.subplots(figsize=(1.6 * len(columns) + 3, 0.7 * len(rows) + 2), constrained_layout=True)
+    # Exact zeros (the diagonal) drawn a decade below the smallest difference that is not zero.
+    nonzero = [value for row in evaluation["max_abs_logit_diff"] for value in row if value > 0]
+    floor = min(nonzero) / 10 if nonzero else LOG_FLOOR
+    differences = [[max(value, floor) for value in row] for row in evaluation["max_abs_logit_diff"]]
+    largest = max(max(row) for row in differences)
+    image = axis.imshow(differences, cmap="viridis", norm=LogNorm(vmin=floor, vmax=max(largest, 10 * floor)))
+    for row_index, (accuracies, row) in enumerate(zip(evaluation["test_acc"], evaluation["max_abs_logit_diff"])):
+        for column_index, (accuracy, difference) in enumerate(zip(accuracies, row)):
+            # Light text on the dark end of viridis, dark on the light end.
+            dark = differences[row_index][column_index] < (floor * largest) ** 0.5
+            axis.text(column_index, row_index, f"{accuracy:.4f}\n{difference:.1e}", ha="center", va="center",
+                      fontsize=8, color="white" if dark else "black")
+    axis.set_xticks(range(len(columns)), columns, rotation=30, ha="right")
+    axis.set_yticks(range(len(rows)), rows)
+    axis.set_xlabel("evaluated in")
+    axis.set_ylabel("trained in")
+    figure.colorbar(image, ax=axis, label=f"largest |logit difference| (0 drawn at {floor:.0e})")
+    axis.set_title("Test accuracy, and largest logit difference from where it was trained")
+    return save(figure, out, EVALUATION)

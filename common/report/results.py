@@ -29,7 +29,7 @@ def environment(devices):
 
 def remove_stale(out):
     """An earlier run's results.json, plots and page in `out` must not pass for this run's if it is
-    interrupted."""
+    interrupted (its checkpoints: common.checkpoint.remove_stale)."""
     for name in (RESULTS, page.PAGE, *(stem + suffix for stem in plots.STEMS for suffix in plots.SUFFIXES)):
         path = os.path.join(out, name)
         if os.path.exists(path):
@@ -37,7 +37,12 @@ def remove_stale(out):
 
 
 def write_all(results, out):
-    """Plots first, then report.html, results.json last: its presence means the run completed."""
-    paths = plots.plot_curves(results, out) + plots.plot_divergence(results, out)
+    """Plots first, then report.html, results.json last: its presence means the run completed. A
+    training run's plots are its curves and drift; compare.py --evaluate's, its matrix."""
+    paths = []
+    if "runs" in results:
+        paths += plots.plot_curves(results, out) + plots.plot_divergence(results, out)
+    if "evaluation" in results:
+        paths += plots.plot_evaluation(results, out)
     paths.append(page.write(out, results=results))
     return [write_json(os.path.join(out, RESULTS), results), *paths]
