@@ -60,8 +60,10 @@ class Checkpoint:
 
     @property
     def label(self):
-        """Its name in a table: the implementation its metadata names, else its file's name."""
-        return self.metadata.get("implementation") or os.path.basename(os.path.normpath(self.path))
+        """Its name in a table: the implementation a canonical file names, else the file's name."""
+        if self.format == "safetensors" and self.metadata.get("implementation"):
+            return self.metadata["implementation"]
+        return os.path.basename(os.path.normpath(self.path))
 
 
 def first_line(error):

@@ -268,13 +268,14 @@ def cross_evaluate(sources, names, images, labels, devices, batch_size, progress
     implementation is evaluated for that reference whether it is among `names` or not.
     Returns the matrix as results.json keeps it (rows: sources; columns: names)."""
     bar = tqdm(total=len(sources) * len(names), desc="evaluating", unit="model", leave=False, disable=not progress)
-    accuracies, differences, own_accuracies = [], [], []
+    accuracies, differences, own_accuracies, own_magnitudes = [], [], [], []
 
     def device_of(name):
         return devices[IMPLEMENTATIONS[name][0]]
     for _, source, weights in sources:
         own_logits, own_accuracy = evaluate_weights(source, weights, images, labels, device_of(source), batch_size)
         own_accuracies.append(own_accuracy)
+        own_magnitudes.append(float(np.max(np.abs(own_logits))))
         row_accuracies, row_differences = [], []
         for name in names:
             logits, accuracy = ((own_logits, own_accuracy) if name == source else
@@ -287,7 +288,8 @@ def cross_evaluate(sources, names, images, labels, devices, batch_size, progress
     bar.close()
     return {"rows": [label for label, _, _ in sources], "sources": [source for _, source, _ in sources],
             "columns": list(names), "dtypes": [weights[next(iter(weights))].dtype.name for _, _, weights in sources],
-            "source_test_acc": own_accuracies, "test_acc": accuracies, "max_abs_logit_diff": differences}
+            "source_test_acc": own_accuracies, "source_max_abs_logit": own_magnitudes, "test_acc": accuracies,
+            "max_abs_logit_diff": differences}
 
 
 def print_epoch(name, epoch):

@@ -4,7 +4,8 @@ A handful of tiny runs (a few batches each, on the real Fashion-MNIST) are share
 through module-scoped fixtures: one run of all six implementations for results.json, the plots and
 the printed report; a float64 run; a second run with the same seed and one with another seed; a run
 whose learning rate makes the loss overflow; the main run's settings over two workers, and a float64
-run under torchrun; the compiled mode, the benchmark and --side-by-side. The shared runs the
+run under torchrun; the compiled mode, the benchmark and --side-by-side; --evaluate on the main
+run's checkpoints, and --init with a checkpoint it refuses. The shared runs the
 selected tests need all start with the module, two at a time (SharedRuns). Every error path must
 stop before training with a clear message and leave no results.json behind: argparse's in this
 process, the others each in a cheap run of its own. One full-size data-parallel run is interrupted
@@ -38,13 +39,14 @@ import pytest
 
 from common.report import page
 from tests.browser import open_page, start_chromium
+from tests.tolerances import FLOAT32_PORTED_LOGITS
 
 REPO = Path(__file__).resolve().parent.parent
 IMPLS = ["torch-scratch", "torch-builtin", "flax-scratch", "flax-builtin", "linen-scratch", "linen-builtin"]
 PAIRS = [list(pair) for pair in itertools.combinations(IMPLS, 2)]
 FLAGS = ["--epochs", "--batch-size", "--lr", "--seed", "--impls", "--dtype", "--device", "--data-dir",
          "--out", "--max-batches", "--no-progress", "--mode", "--tf32", "--bench", "--data-parallel", "--bn-stats",
-         "--worker-timeout", "--side-by-side"]
+         "--worker-timeout", "--side-by-side", "--init", "--running-var", "--evaluate"]
 TIMING_FIELDS = {"examples_per_sec", "compile_seconds", "wall_seconds", "train_seconds"}
 RUN_TIMEOUT_S = 300  # generous: a tiny run takes about 15 s on a 2-core CPU
 # PyTorch's OpenMP threads spin-wait: with a second busy process on a 2-core machine (another test
@@ -130,15 +132,34 @@ def compare_command(*args):
     return ["compare.py", *(str(arg) for arg in args)]
 
 
-def no_data_command(folder):
+def no_data_command(folder, runs):
     (folder / "empty").mkdir()
     return compare_command("--data-dir", folder / "empty", "--device", "cpu")
 
 
-def side_by_side_command(folder):
+def side_by_side_command(folder, runs):
     """--side-by-side, pointed at a folder without the data set: it needs none."""
     (folder / "no-data").mkdir()
     return compare_command("--side-by-side", "--data-dir", folder / "no-data")
+
+
+def evaluate_command(folder, runs):
+    """--evaluate on the main run's folder (its six canonical files) and, as a user's own, its
+    torch-builtin state_dict, in two implementations, on the main run's batch size."""
+    checkpoints = runs.out("main_run")
+    return compare_command("--evaluate", checkpoints, checkpoints / "checkpoints" / "torch-builtin.pt",
+                           "--impls", "torch-builtin,flax-scratch", "--batch-size", BATCH_SIZE, "--no-progress",
+                           "--device", "cpu")
+
+
+def bad_init_command(folder, runs):
+    """--init with a checkpoint that lacks a moving variance."""
+    import safetensors.numpy
+    from common.init import canonical_weights
+    weights = canonical_weights(0, np.float32)
+    del weights["bn2.moving_var"]
+    safetensors.numpy.save_file(weights, str(folder / "lenet.safetensors"))
+    return compare_command("--init", folder / "lenet.safetensors", *TINY)
 
 
 # The module's shared runs, in the order they start (the tests' order, but the longest chain,
@@ -179,6 +200,9 @@ SHARED_RUNS = {
                                        "--max-batches", 3, "--batch-size", BATCH_SIZE, "--no-progress",
                                        "--device", "cpu")], None),
     "side_by_side_run": (side_by_side_command, None),
+    # The main run's checkpoints, each evaluated in two implementations.
+    "evaluate_run": (evaluate_command, "main_run"),
+    "bad_init_run": (bad_init_command, None),
 }
 # Runs at once: one per core of the 2-core development machine. Each run keeps to about one
 # (OMP_NUM_THREADS=1 above): measured there on 2026-11-27, this module took 186 s with two at a time,
@@ -201,7 +225,7 @@ class SharedRuns:
             command, after = SHARED_RUNS[name]
             before = self.start(after) if after else None  # submitted first: it runs first
             folder = self.folders.mktemp(name)
-            command = command(folder) if callable(command) else command
+            command = command(folder, self) if callable(command) else command
             self.started[name] = self.pool.submit(self.run, command, folder / "out", before), folder / "out"
         return self.started[name][0]
 
@@ -217,6 +241,10 @@ class SharedRuns:
                 process.kill()
                 raise
         return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+    def out(self, name):
+        """The out folder of a shared run that has started."""
+        return self.started[name][1]
 
     def result(self, name):
         """(CompletedProcess, out folder) of a shared run, once it has ended."""
@@ -426,6 +454,90 @@ def test_main_run_report(main_run):
 
 
 # ---------------------------------------------------------------------------
+# Checkpoints: written by every run, evaluated across the implementations
+# ---------------------------------------------------------------------------
+
+
+def test_main_run_writes_each_implementation_in_every_format(main_run):
+    """checkpoints/ beside results.json: each implementation's canonical file, with the metadata a
+    reader needs, and its framework's own format holding the same arrays."""
+    from common import checkpoint
+    _, out, results = main_run
+    native = {"torch": ".pt", "flax": ".orbax", "linen": ".orbax"}
+    assert results["checkpoints"] == {name: [f"checkpoints/{name}.safetensors",
+                                             f"checkpoints/{name}{native[name.split('-')[0]]}"] for name in IMPLS}
+    for name, (canonical_path, native_path) in results["checkpoints"].items():
+        canonical, own = checkpoint.read(out / canonical_path), checkpoint.read(out / native_path)
+        run = results["runs"][name]
+        assert {key: canonical.metadata[key] for key in ("implementation", "dtype", "steps", "seed", "test_acc",
+                                                          "running_var", "momentum", "init")} == {
+            "implementation": name, "dtype": "float32", "steps": str(EPOCHS * MAX_BATCHES), "seed": "0",
+            "test_acc": str(run["epochs"][-1]["test_acc"]),
+            "running_var": "unbiased" if name == "torch-builtin" else "biased", "momentum": "0.9",
+            "init": "canonical, seed 0"}
+        assert canonical.weights["bn1.gamma"].tolist() == run["first_bn"]["gamma"]
+        for key, value in canonical.weights.items():
+            assert own.weights[key].tobytes() == value.tobytes(), (native_path, key)
+    assert not list(out.rglob("*.partial*")) and not list(out.rglob("*orbax-checkpoint-tmp*"))
+    assert 'id="checkpoints"' in (out / "report.html").read_text()
+
+
+evaluate_run = shared_results("evaluate_run")
+
+
+def test_evaluate_measures_each_checkpoint_in_each_implementation(evaluate_run, main_run):
+    """--evaluate on the main run: each checkpoint, in the implementation it was trained in, scores the
+    run's own test accuracy; in the others, its logits within float32 rounding of those."""
+    process, out, results = evaluate_run
+    _, main_out, main_results = main_run
+    evaluation = results["evaluation"]
+    columns = ["torch-builtin", "flax-scratch"]
+    assert evaluation["rows"] == IMPLS + ["torch-builtin.pt"]
+    assert evaluation["sources"] == IMPLS + ["torch-builtin"]
+    assert evaluation["columns"] == columns and evaluation["dtypes"] == ["float32"] * 7
+    assert evaluation["files"] == [str(main_out / "checkpoints" / f"{name}.safetensors") for name in IMPLS] + [
+        str(main_out / "checkpoints" / "torch-builtin.pt")]
+    for row, source in enumerate(evaluation["sources"]):
+        own_accuracy = evaluation["source_test_acc"][row]
+        assert own_accuracy == main_results["runs"][source]["epochs"][-1]["test_acc"], source
+        for column, name in enumerate(columns):
+            accuracy, difference = evaluation["test_acc"][row][column], evaluation["max_abs_logit_diff"][row][column]
+            if name == source:
+                assert (accuracy, difference) == (own_accuracy, 0.0)
+            else:
+                bound = FLOAT32_PORTED_LOGITS * max(1.0, evaluation["source_max_abs_logit"][row])
+                assert 0 <= difference <= bound, (source, name, difference)
+                # float32 rounding may tip an image whose two best logits all but tie.
+                assert abs(accuracy - own_accuracy) <= 2 / TEST_EXAMPLES, (source, name)
+    # The state_dict holds what the canonical file of torch-builtin holds.
+    for key in ("test_acc", "max_abs_logit_diff"):
+        assert evaluation[key][-1] == evaluation[key][IMPLS.index("torch-builtin")]
+    lines = process.stdout.splitlines()
+    header = next(index for index, line in enumerate(lines) if line.startswith("trained in"))
+    assert lines[header].split()[-2:] == columns
+    for label, line in zip(evaluation["rows"], lines[header + 2:header + 9], strict=True):
+        assert line.split()[0] == label and line.split()[1] == f"{evaluation['test_acc'][evaluation['rows'].index(label)][0]:.4f}"
+    page_text = (out / "report.html").read_text()
+    assert 'id="evaluation"' in page_text and 'id="plot-evaluation"' in page_text
+    assert (out / "evaluation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "checkpoints").exists() and "examples/sec" not in process.stdout  # nothing trained
+
+
+bad_init_run = shared_run("bad_init_run")
+
+
+def test_a_checkpoint_that_does_not_fit_is_refused_before_anything_runs(bad_init_run):
+    """As a user meets it: exit status 1, one line naming the tensor, nothing trained or written."""
+    process, out = bad_init_run
+    assert process.returncode == 1
+    assert_refused(process, out, r"^error: --init: .*lenet\.safetensors: tensor 'bn2\.moving_var' is missing: "
+                                 r"expected shape \(16,\)")
+    assert len(process.stderr.strip().splitlines()) == 1, process.stderr
+    assert process.stdout == ""
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------
 # float64, determinism, seeds
 # ---------------------------------------------------------------------------
 
@@ -561,6 +673,13 @@ ARGUMENT_ERRORS = [
     (["--data-parallel", "2", "--mode", "compiled"], "--data-parallel trains the eager step (one step per batch)"),
     (["--batch-size", "1"], "--batch-size 1: batch norm in training needs at least 2 examples per batch"),
     (["--lr", "1e300"], "--lr 1e+300 is beyond the largest float32 (3.4e+38)"),
+    (["--evaluate"], "argument --evaluate: expected at least one argument"),
+    (["--evaluate", "runs/a", "--init", "runs/a/checkpoints/torch-scratch.pt"],
+     "--evaluate trains nothing: leave out --init"),
+    (["--evaluate", "runs/a", "--data-parallel", "2"], "--evaluate trains nothing: leave out --data-parallel"),
+    (["--init", "runs/a/checkpoints/torch-scratch.pt", "--bench"],
+     "--bench measures from the canonical initialisation: leave out --init"),
+    (["--running-var", "convert"], "--running-var convert converts the moving variances of --init FILE: give one"),
 ]
 
 
@@ -653,6 +772,9 @@ def test_interrupted_run_leaves_no_results_json_and_no_workers(tmp_path):
     stale.write_text('{"stale": true}\n')
     stale_page = out / "report.html"
     stale_page.write_text("<p>an earlier run</p>\n")
+    stale_checkpoints = out / "checkpoints"
+    stale_checkpoints.mkdir()
+    (stale_checkpoints / "torch-scratch.safetensors").write_bytes(b"an earlier run's")
     stdout_path, stderr_path = tmp_path / "stdout", tmp_path / "stderr"
     with open(stdout_path, "w") as stdout, open(stderr_path, "w") as stderr:
         # Full size: the chapter's 10 epochs of batch 256, progress bars on, two PyTorch workers.
@@ -670,6 +792,7 @@ def test_interrupted_run_leaves_no_results_json_and_no_workers(tmp_path):
             assert process.poll() is None
             assert not stale.exists(), "the earlier results.json must be removed when a new run starts"
             assert not stale_page.exists(), "and the earlier report.html"
+            assert not stale_checkpoints.exists(), "and the earlier checkpoints"
             workers = child_processes(process.pid)
             assert len(workers) >= 2, workers  # the workers (and multiprocessing's resource tracker)
             process.send_signal(signal.SIGINT)
