@@ -276,8 +276,8 @@ def test_running_var_convert_predicts_as_the_target_trained_alike(trajectories_f
     predicts what it predicted where it was trained (above), which is not what the target predicts
     after training on the same batches. convert: its moving variances become the target's own but for
     the share m^K of the initial variance that the conversion scaled too, (factor - 1) m^K after K
-    steps from 1, and its predictions come a hundred times closer to the target's (measured: 2e-3 kept
-    against 1e-8 converted, torch-builtin's model in torch-scratch)."""
+    steps from 1, and its predictions come a hundred times closer to the target's, at least (measured:
+    7.1e-2 kept against 1.4e-5 converted, torch-builtin's model in torch-scratch)."""
     initial = canonical_weights(0, np.float64)
     for source, target in converted_pairs():
         ported = moved_float64[source]

@@ -1082,7 +1082,7 @@ def test_a_rendezvous_that_cannot_be_reached_is_one_line(tmp_path):
 
 # ---------------------------------------------------------------------------
 # report.html, as a reader sees it in a real browser (Debian's chromium, through selenium): the
-# main run's page and the --side-by-side page, each loaded once
+# main run's page, the --side-by-side page and the --evaluate page, each loaded once
 # ---------------------------------------------------------------------------
 
 
@@ -1111,11 +1111,18 @@ def side_by_side_page(browser, side_by_side_run):
     return open_page(browser, out / "report.html")
 
 
-@pytest.fixture(params=["main run", "--side-by-side"])
+@pytest.fixture(scope="module")
+def evaluate_page(browser, evaluate_run):
+    _, out, _ = evaluate_run
+    return open_page(browser, out / "report.html")
+
+
+@pytest.fixture(params=["main run", "--side-by-side", "--evaluate"])
 def any_page(request, browser):
-    """Either page. `browser` is named here, though the page's own fixture asks for it, so that
+    """Any of the pages. `browser` is named here, though the page's own fixture asks for it, so that
     pytest sees these tests need it too and tests/conftest.py marks them `browser`."""
-    return request.getfixturevalue({"main run": "main_page", "--side-by-side": "side_by_side_page"}[request.param])
+    return request.getfixturevalue({"main run": "main_page", "--side-by-side": "side_by_side_page",
+                                    "--evaluate": "evaluate_page"}[request.param])
 
 
 def readme_topics(heading):
@@ -1141,7 +1148,7 @@ def definitions(path):
     return found
 
 
-PAGE_FIXTURES = {"browser", "main_page", "side_by_side_page", "any_page"}
+PAGE_FIXTURES = {"browser", "main_page", "side_by_side_page", "evaluate_page", "any_page"}
 
 
 def test_without_selenium_the_module_collects_and_the_browser_marker_names_the_page_tests():
@@ -1192,7 +1199,7 @@ def test_every_definition_appears_once_in_order_beside_its_twin(any_page):
     pairs = [view for view in seen["views"] if not view["single"]]
     assert [view["heads"] for view in pairs] == [
         [f"{titles[left]}: impls/{left}/{filename}", f"{titles[right]}: impls/{right}/{filename}"]
-        for filename in ("batch_norm.py", "lenet.py", "train.py", "data_parallel.py")
+        for filename in page.FILE_ORDER
         for left, right in (("pytorch", "flax"), ("flax", "linen"))
         for titles in [{"pytorch": "PyTorch", "flax": "Flax NNX", "linen": "Flax Linen"}]]
     for view in seen["views"]:

@@ -103,8 +103,8 @@ def evaluation_rows(results):
     rows = []
     for label, accuracies, differences in zip(evaluation["rows"], evaluation["test_acc"],
                                               evaluation["max_abs_logit_diff"]):
-        rows.append((label, *(f"{accuracy:.4f} / {difference:.1e}" for accuracy, difference in zip(accuracies,
-                                                                                                 differences))))
+        rows.append((label, *(f"{accuracy:.4f} / {difference:.1e}" if difference else f"{accuracy:.4f} / 0"
+                              for accuracy, difference in zip(accuracies, differences))))
     return header, rows
 
 
