@@ -187,7 +187,8 @@ def load(path):
             found = {}
             for name in file.keys():
                 tensor = file.get_slice(name)
-                found[name] = (tuple(tensor.get_shape()), SAFETENSORS_DTYPES.get(tensor.get_dtype(), tensor.get_dtype()))
+                dtype = tensor.get_dtype()
+                found[name] = (tuple(tensor.get_shape()), SAFETENSORS_DTYPES.get(dtype, dtype))
             check_tensors(path, found, canonical_shapes())
             weights = {name: file.get_tensor(name) for name in WEIGHT_NAMES}
     except SafetensorError as error:

@@ -152,6 +152,26 @@ def test_a_round_trip_through_every_format_returns_the_same_arrays(request, tmp_
         assert int(ended["bn1.num_batches_tracked"]) == TRAJECTORY_STEPS
 
 
+def test_flax_guides_restore_rounds_float64_statistics_to_float32_where_load_native_keeps_them(tmp_path):
+    """Flax's guide restores into the state of a model built as shapes (nnx.eval_shape): Orbax casts
+    each array to that target's dtype, and nnx.BatchNorm makes its running statistics float32 whatever
+    param_dtype, so a float64 checkpoint's statistics come back rounded. load_native restores the
+    stored dtypes (Orbax's own metadata as the target) and puts them in (nnx.replace_by_pure_dict)."""
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+    from impls.flax.checkpoint import checkpointer
+    from impls.flax.lenet import LeNet
+    weights = canonical_weights(0, np.float64)
+    weights["bn1.moving_var"] = weights["bn1.moving_var"] / 3  # not a float32 number
+    _, model, _ = build("flax-builtin", weights)
+    path = checkpoint.framework_checkpoint("flax").save_native(model, tmp_path / "model.orbax", {})
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: LeNet("builtin", param_dtype=jnp.float64)))
+    guides = nnx.merge(graphdef, checkpointer().restore(path, args=ocp.args.StandardRestore(abstract_state)))
+    assert guides.bn1.var[...].dtype == np.float32 and guides.conv1.kernel[...].dtype == np.float64
+    assert np.max(np.abs(np.asarray(guides.bn1.var[...], np.float64) - weights["bn1.moving_var"])) > 1e-9
+    assert_same_arrays(checkpoint.read(path).weights, weights, "load_native")
+
+
 # ---------------------------------------------------------------------------
 # Training on after a move
 # ---------------------------------------------------------------------------
@@ -324,8 +344,8 @@ def test_init_trains_on_from_the_checkpoint_cast_and_converted(moved_float64, tm
             np.testing.assert_array_equal(ported.weights[key], source.weights[key].astype(np.float32), err_msg=key)
     for layer in BATCH_NORM_LAYERS:
         n, key = 64 * VALUES_PER_EXAMPLE[layer], f"{layer}.moving_var"
-        np.testing.assert_allclose(written["torch-builtin"].weights[key], n / (n - 1) * written["torch-scratch"].weights[key],
-                                   rtol=1e-5, err_msg=key)
+        np.testing.assert_allclose(written["torch-builtin"].weights[key],
+                                   n / (n - 1) * written["torch-scratch"].weights[key], rtol=1e-5, err_msg=key)
 
 
 # ---------------------------------------------------------------------------
@@ -421,8 +441,9 @@ BAD_INPUT = {
     "truncated state_dict": (lambda folder: truncated(torch_file(folder, lenet_state_dict())),
                              r"torch\.load\(weights_only=True\) cannot read it \("),
     "not a checkpoint": (text_file, r"not a checkpoint: expected a \.safetensors file, a PyTorch state_dict"),
-    "a pickled model, not a state_dict": (lambda folder: torch_file(folder, d2l_lenet()),
-                                          r"torch\.load\(weights_only=True\) cannot read it \(Weights only load failed"),
+    "a pickled model, not a state_dict": (
+        lambda folder: torch_file(folder, d2l_lenet()),
+        r"torch\.load\(weights_only=True\) cannot read it \(Weights only load failed"),
     "a state_dict with other layer names": (
         lambda folder: torch_file(folder, d2l_lenet().state_dict()),
         r"\(state_dict\): LeNet's tensors under other names \('0\.weight' where LeNet has 'conv1\.weight'\): "

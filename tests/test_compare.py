@@ -515,8 +515,9 @@ def test_evaluate_measures_each_checkpoint_in_each_implementation(evaluate_run, 
     lines = process.stdout.splitlines()
     header = next(index for index, line in enumerate(lines) if line.startswith("trained in"))
     assert lines[header].split()[-2:] == columns
-    for label, line in zip(evaluation["rows"], lines[header + 2:header + 9], strict=True):
-        assert line.split()[0] == label and line.split()[1] == f"{evaluation['test_acc'][evaluation['rows'].index(label)][0]:.4f}"
+    for label, accuracies, line in zip(evaluation["rows"], evaluation["test_acc"], lines[header + 2:header + 9],
+                                       strict=True):
+        assert line.split()[:2] == [label, f"{accuracies[0]:.4f}"], line
     page_text = (out / "report.html").read_text()
     assert 'id="evaluation"' in page_text and 'id="plot-evaluation"' in page_text
     assert (out / "evaluation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

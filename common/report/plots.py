@@ -112,7 +112,8 @@ def plot_evaluation(results, out):
         for column_index, (accuracy, difference) in enumerate(zip(accuracies, row)):
             # Light text on the dark end of viridis, dark on the light end.
             dark = differences[row_index][column_index] < (floor * largest) ** 0.5
-            axis.text(column_index, row_index, f"{accuracy:.4f}\n{difference:.1e}" if difference else f"{accuracy:.4f}\n0", ha="center", va="center",
+            text = f"{accuracy:.4f}\n{difference:.1e}" if difference else f"{accuracy:.4f}\n0"
+            axis.text(column_index, row_index, text, ha="center", va="center",
                       fontsize=8, color="white" if dark else "black")
     axis.set_xticks(range(len(columns)), columns, rotation=30, ha="right")
     axis.set_yticks(range(len(rows)), rows)
