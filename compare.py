@@ -21,14 +21,14 @@ import time
 import numpy as np
 
 from common import checkpoint
-from common.report import console, page
-from common.report import results as saved_results
 from common.checkpoint import CheckpointError
 from common.data import DataError, load_fashion_mnist, shard_bounds
 from common.harness import (IMPLEMENTATIONS, MODES, PRECISIONS, cross_evaluate, data_parallel_module,
                             parse_implementations, run_implementation, select_devices)
 from common.init import PARAMETER_NAMES, SHAPING_PARAMETER_NAMES, canonical_weights
 from common.parallel import DataParallelError, launch_environment, launch_local_workers, pytorch_worker
+from common.report import console, page
+from common.report import results as saved_results
 
 TRAIN_EXAMPLES = 60000  # Fashion-MNIST's training set
 JAX_FRAMEWORKS = {"flax", "linen"}  # Flax's two APIs, NNX and Linen, on one JAX
@@ -417,6 +417,9 @@ def main(argv=None):
             print(f"\nThe same runs in float32, to measure {args.dtype} against:")
         float32_settings = argparse.Namespace(**{**vars(args), "dtype": "float32"})
         reference = train_all(float32_settings, launch, weights, data, devices, workers, reasons)
+    # Worker 0 writes the checkpoints while the workers are still joined: under torchrun, Orbax
+    # looks for jax.distributed's client even to save from one process.
+    checkpoints = write_checkpoints(args, runs, snapshots, init) if reports else None
     stop_workers(workers)
     if not reports:
         return 0
@@ -440,7 +443,7 @@ def main(argv=None):
         reference_runs, reference_snapshots = reference
         results["float32_reference"] = {"runs": {name: reference_runs[name] for name in args.impls},
                                         "drift": drift_from_reference(snapshots, reference_snapshots, ran)}
-    results["checkpoints"] = write_checkpoints(args, runs, snapshots, init)
+    results["checkpoints"] = checkpoints
     console.print_report(results)
     paths = saved_results.write_all(results, args.out)
     print(f"\nwrote {', '.join(paths)}")

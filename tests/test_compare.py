@@ -1056,6 +1056,13 @@ def test_compare_under_torchrun_runs_every_framework_across_processes(torchrun_r
             assert difference <= FLOAT64_DIVERGENCE, (name, key, difference)
     for entry in results["divergence"]:
         assert max(entry["max_abs_param_diff"]) <= FLOAT64_DIVERGENCE, entry
+    # Worker 0 writes the checkpoints alone, Orbax's folders included (Orbax would meet every process).
+    _, out, _ = torchrun_run
+    from common import checkpoint
+    for name, paths in results["checkpoints"].items():
+        assert len(paths) == 2, (name, paths)
+        canonical, own = (checkpoint.read(out / path) for path in paths)
+        assert all(own.weights[key].tobytes() == value.tobytes() for key, value in canonical.weights.items()), name
 
 
 def unused_port():

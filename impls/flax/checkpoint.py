@@ -73,8 +73,12 @@ def load_native(path):
 
 def checkpointer():
     """Orbax's synchronous checkpointer: save returns once the folder is complete (its default,
-    StandardCheckpointer, saves in a background thread, to be waited for)."""
-    return ocp.Checkpointer(ocp.StandardCheckpointHandler())
+    StandardCheckpointer, saves in a background thread, to be waited for). This process alone:
+    under jax.distributed, Orbax would otherwise meet every process at a barrier around each save,
+    where here worker 0 writes the checkpoints by itself."""
+    process = jax.process_index()
+    alone = ocp.options.MultiprocessingOptions(primary_host=process, active_processes={process})
+    return ocp.Checkpointer(ocp.StandardCheckpointHandler(), multiprocessing_options=alone)
 
 
 def save_orbax(tree, path, metadata):
