@@ -23,6 +23,7 @@ import numpy as np
 from common import checkpoint
 from common.checkpoint import CheckpointError
 from common.data import DataError, load_fashion_mnist, shard_bounds
+from common.files import atomic_path
 from common.harness import (IMPLEMENTATIONS, MODES, PRECISIONS, cross_evaluate, data_parallel_module,
                             parse_implementations, run_implementation, select_devices)
 from common.init import PARAMETER_NAMES, SHAPING_PARAMETER_NAMES, canonical_weights
@@ -129,7 +130,7 @@ def parse_args(argv=None):
     parallel.add_argument("--worker-timeout", type=positive_int, default=300, metavar="SECONDS",
                           help="how long a worker waits for the others: at the rendezvous and at every collective")
     trained = parser.add_argument_group("trained models (every run writes each into <out>/checkpoints/)")
-    trained.add_argument("--init", metavar="FILE", default=None,
+    trained.add_argument("--init", metavar="PATH", default=None,
                          help="start every implementation from this checkpoint instead of the canonical "
                               "initialisation: a .safetensors file of a run's checkpoints/, a PyTorch "
                               "state_dict of this LeNet, or an Orbax folder of NNX or Linen (cast to --dtype)")
@@ -184,9 +185,12 @@ def parse_args(argv=None):
                          "worker; use fewer workers or larger batches")
     if args.evaluate is not None:
         for flag, given in (("--init", args.init), ("--bench", args.bench), ("--side-by-side", args.side_by_side),
-                            ("torchrun", launch), ("--data-parallel", args.data_parallel > 1)):
+                            ("torchrun", launch), ("--data-parallel", args.data_parallel > 1),
+                            ("--mode compiled", args.mode != "eager")):
             if given:
                 parser.error(f"--evaluate trains nothing: leave out {flag}")
+        if args.dtype != "float32":
+            parser.error(f"--evaluate evaluates each checkpoint in its own dtype: leave out --dtype {args.dtype}")
     if args.init is not None and args.bench:
         parser.error("--bench measures from the canonical initialisation: leave out --init")
     if args.running_var != "keep" and args.init is None:
@@ -279,12 +283,17 @@ def stop_workers(workers):
         data_parallel_module(framework).stop_workers(its_workers)
 
 
-def initial_weights(args, init, dtype, reports):
-    """{name: the weights it starts from}: the canonical ones, or --init's, cast to the run's dtype and,
-    with --running-var convert, with moving variances in each implementation's convention."""
-    if init is None:
+def initial_weights(args, dtype, reports):
+    """(--init's checkpoint or None, {name: the weights it starts from}): the canonical weights, or
+    --init's, cast to the run's dtype and, with --running-var convert, with moving variances in each
+    implementation's convention. A checkpoint that does not fit ends the run in one line."""
+    if args.init is None:
         weights = canonical_weights(args.seed, dtype)
-        return {name: weights for name in args.impls}
+        return None, {name: weights for name in args.impls}
+    try:
+        init = checkpoint.read(args.init)
+    except CheckpointError as error:
+        sys.exit(f"error: --init: {error}")
     weights = init.weights
     stored = weights["conv1.weight"].dtype
     if stored != dtype:
@@ -292,11 +301,11 @@ def initial_weights(args, init, dtype, reports):
         if reports:
             print(f"--init {args.init}: {stored} weights, cast to {dtype} for this run")
     if args.running_var == "keep":
-        return {name: weights for name in args.impls}
+        return init, {name: weights for name in args.impls}
     try:
-        return {name: checkpoint.convert_running_variance(weights, init.metadata.get("running_var"),
-                                                          checkpoint.running_variance_of(name), args.batch_size)
-                for name in args.impls}
+        return init, {name: checkpoint.convert_running_variance(weights, init.metadata.get("running_var"),
+                                                                checkpoint.running_variance_of(name), args.batch_size)
+                      for name in args.impls}
     except CheckpointError as error:
         sys.exit(f"error: --running-var convert: {args.init}: {error}")
 
@@ -304,19 +313,23 @@ def initial_weights(args, init, dtype, reports):
 def write_checkpoints(args, runs, snapshots, init):
     """Each implementation that trained to the end, in every format, into <out>/checkpoints/:
     {name: [its files, relative to --out]}."""
-    folder = os.path.join(args.out, checkpoint.FOLDER)
     steps_per_epoch = min(-(-TRAIN_EXAMPLES // args.batch_size), args.max_batches or TRAIN_EXAMPLES)
     steps_before = int(init.metadata.get("steps", 0)) if init is not None else 0
+    trained = [name for name, run in runs.items()
+               if "not_run" not in run and not run["diverged_at_step"] and run["epochs"]]
+    if not trained:
+        return {}
     written = {}
-    for name, run in runs.items():
-        if "not_run" in run or run["diverged_at_step"] or not run["epochs"]:
-            continue
-        weights = snapshots[name][-1]["weights"]
-        metadata = checkpoint.metadata_for(
-            name, weights, steps_before + steps_per_epoch * len(run["epochs"]), args.batch_size, args.lr, args.seed,
-            run["epochs"][-1]["test_acc"], precision=args.dtype,
-            init=f"{args.init} (--running-var {args.running_var})" if init else f"canonical, seed {args.seed}")
-        written[name] = [os.path.relpath(path, args.out) for path in checkpoint.write(folder, name, weights, metadata)]
+    # The folder whole or not at all: an interrupted run leaves no checkpoints/ that --evaluate would take.
+    with atomic_path(os.path.join(args.out, checkpoint.FOLDER)) as folder:
+        for name in trained:
+            run, weights = runs[name], snapshots[name][-1]["weights"]
+            metadata = checkpoint.metadata_for(
+                name, weights, steps_before + steps_per_epoch * len(run["epochs"]), args.batch_size, args.lr,
+                args.seed, run["epochs"][-1]["test_acc"], precision=args.dtype,
+                init=f"{args.init} (--running-var {args.running_var})" if init else f"canonical, seed {args.seed}")
+            written[name] = [os.path.join(checkpoint.FOLDER, os.path.basename(path))
+                             for path in checkpoint.write(folder, name, weights, metadata)]
     return written
 
 
@@ -360,13 +373,6 @@ def main(argv=None):
         return 0
     if args.evaluate is not None:
         return evaluate_checkpoints(args)
-    init = None
-    if args.init is not None:
-        # Read and checked before anything starts, trains or is written.
-        try:
-            init = checkpoint.read(args.init)
-        except CheckpointError as error:
-            sys.exit(f"error: --init: {error}")
     launch = launch_environment()
     reports = launch is None or launch.rank == 0  # under torchrun, worker 0 reports
     dtype = np.dtype(PRECISIONS[args.dtype][0])  # the parameters'
@@ -378,6 +384,9 @@ def main(argv=None):
             workers = start_workers(args, launch)
         except DataParallelError as error:
             sys.exit(f"error: {error}")
+    # --init read, checked and converted before anything trains or is written; after the workers
+    # start, since reading an Orbax folder starts JAX's backend, which a mesh of host devices precedes.
+    init, weights = initial_weights(args, dtype, reports)
     try:
         devices = select_devices(args.impls, args.device, dtype, args.tf32)
     except RuntimeError as error:
@@ -408,7 +417,6 @@ def main(argv=None):
     if reports:
         for name, reason in reasons.items():
             print(f"{name}: not run: {reason}", file=sys.stderr)
-    weights = initial_weights(args, init, dtype, reports)
     runs, snapshots = train_all(args, launch, weights, data, devices, workers, reasons)
     reference = None
     if PRECISIONS[args.dtype][1] is not None:

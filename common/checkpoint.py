@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save as safetensors_bytes
 
 from common.files import atomic_path
-from common.harness import IMPLEMENTATIONS
+from common.harness import IMPLEMENTATIONS, framework_module
 from common.init import BATCH_NORM_LAYERS, LAYERS, VALUES_PER_EXAMPLE, WEIGHT_NAMES
 
 FOLDER = "checkpoints"  # <out>/checkpoints/: every trained implementation, each in every format
@@ -203,14 +203,26 @@ def read(path):
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file or folder")
     if os.path.isfile(path) and (path.endswith(SUFFIX) or is_safetensors(path)):
-        return load(path)
+        return check_metadata(load(path))
     for framework in FRAMEWORKS:
         module = framework_checkpoint(framework)
         if module.is_native(path):
             weights, metadata = module.load_native(path)
-            return Checkpoint(path, weights, metadata, framework)
+            return check_metadata(Checkpoint(path, weights, metadata, framework))
     raise CheckpointError(f"{path}: not a checkpoint: expected a {SUFFIX} file, a PyTorch state_dict (torch.save) "
                           "or an Orbax checkpoint folder of NNX or Linen")
+
+
+def check_metadata(checkpoint):
+    """The checkpoint, if what its metadata says that a run reads back is well formed: the steps it
+    trained (a count that --init goes on from) and its running variance's convention."""
+    steps, running_var = checkpoint.metadata.get("steps"), checkpoint.metadata.get("running_var")
+    if steps is not None and not steps.isdigit():
+        raise CheckpointError(f"{checkpoint.path}: metadata 'steps' is {steps!r}, expected a whole number")
+    if running_var is not None and running_var not in RUNNING_VARIANCES:
+        raise CheckpointError(f"{checkpoint.path}: metadata 'running_var' is {running_var!r}, expected one of "
+                              f"{', '.join(RUNNING_VARIANCES)}")
+    return checkpoint
 
 
 def checkpoint_paths(path):
@@ -264,7 +276,7 @@ def write(folder, name, weights, metadata):
     framework, norm = IMPLEMENTATIONS[name]
     os.makedirs(folder, exist_ok=True)
     paths = [save(weights, os.path.join(folder, name + SUFFIX), metadata)]
-    train = importlib.import_module(f"impls.{framework}.train")
+    train = framework_module(framework)
     model = train.build_lenet(weights, norm, train.select_device("cpu", weights[WEIGHT_NAMES[0]].dtype))
     native = framework_checkpoint(framework)
     paths.append(native.save_native(model, os.path.join(folder, name + native.NATIVE_SUFFIX), metadata))

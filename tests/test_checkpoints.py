@@ -2,8 +2,9 @@
 and each framework's impls/<framework>/checkpoint.py), and what a move does to the predictions and to
 the training steps after it.
 
-The trained models are the session's trajectories (tests/conftest.py: every implementation 100 SGD
-steps at lr 1.0 on the shared batch order; float64 on batches of 64, float32 on the chapter's 256).
+The trained models are the session-scoped trajectory fixtures (tests/conftest.py: every implementation
+100 SGD steps at lr 1.0 on the shared batch order; float64 on batches of 64, float32 on the chapter's
+256).
 Each is moved through the canonical file (written, then read back). Logits are compared on the first
 TEST_IMAGES images of the test set: float64 inference of JAX on this CPU costs about half a second per
 thousand images and model, and 36 pairs over the whole test set would take minutes. (compare.py
@@ -455,6 +456,10 @@ BAD_INPUT = {
     "an Orbax folder of another model": (lambda folder: orbax_folder(folder, {"encoder": {"kernel": np.zeros((3, 4))}}),
                                          r"\(NNX state\): not a checkpoint of this LeNet: none of its 1 tensors"),
     "an interrupted Orbax save": (interrupted_orbax, r"an Orbax save that did not finish \(its temporary folder\)"),
+    "steps that are not a count": (lambda folder: canonical_file(folder, metadata={"steps": "ten"}),
+                                   r"metadata 'steps' is 'ten', expected a whole number"),
+    "an unknown running variance": (lambda folder: canonical_file(folder, metadata={"running_var": "sample"}),
+                                    r"metadata 'running_var' is 'sample', expected one of biased, unbiased"),
     "no such file": (lambda folder: folder / "missing.safetensors", r"no such file or folder"),
     "a folder without checkpoints": (empty_folder, r"a folder without \.safetensors checkpoints"),
 }

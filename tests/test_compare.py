@@ -162,6 +162,19 @@ def bad_init_command(folder, runs):
     return compare_command("--init", folder / "lenet.safetensors", *TINY)
 
 
+def orbax_init_command(folder, runs):
+    """--init with NNX's Orbax folder, two workers on a mesh of host devices: reading the folder
+    starts JAX, which the mesh's host devices must precede."""
+    from common import checkpoint
+    from common.init import canonical_weights
+    weights = canonical_weights(0, np.float32)
+    checkpoint.write(folder / "checkpoints", "flax-scratch", weights,
+                     checkpoint.metadata_for("flax-scratch", weights, 0, BATCH_SIZE, 1.0, 0, 0.1))
+    return compare_command("--init", folder / "checkpoints" / "flax-scratch.orbax", "--data-parallel", 2,
+                           "--impls", "flax-scratch", "--epochs", 1, "--max-batches", 2, "--batch-size", BATCH_SIZE,
+                           "--no-progress", "--device", "cpu")
+
+
 # The module's shared runs, in the order they start (the tests' order, but the longest chain,
 # compiled then benchmark, early): {fixture: (command after `python`, or a function of the run's
 # folder that gives it; the run it must follow)}. Each writes into its folder's "out".
@@ -203,6 +216,7 @@ SHARED_RUNS = {
     # The main run's checkpoints, each evaluated in two implementations.
     "evaluate_run": (evaluate_command, "main_run"),
     "bad_init_run": (bad_init_command, None),
+    "orbax_init_run": (orbax_init_command, None),
 }
 # Runs at once: one per core of the 2-core development machine. Each run keeps to about one
 # (OMP_NUM_THREADS=1 above): measured there on 2026-11-27, this module took 186 s with two at a time,
@@ -538,6 +552,37 @@ def test_a_checkpoint_that_does_not_fit_is_refused_before_anything_runs(bad_init
     assert not out.exists()
 
 
+orbax_init_run = shared_results("orbax_init_run")
+
+
+def test_an_orbax_checkpoint_starts_a_data_parallel_run(orbax_init_run):
+    """--init with an Orbax folder and --data-parallel 2: the workers' mesh starts before the folder
+    is read, and the run starts from the folder's weights."""
+    _, out, results = orbax_init_run
+    assert results["config"]["init"].endswith("flax-scratch.orbax")
+    assert results["runs"]["flax-scratch"]["data_parallel"]["workers"] == 2
+    assert (out / "checkpoints" / "flax-scratch.orbax").is_dir()
+
+
+def test_a_conversion_the_checkpoint_cannot_say_leaves_the_last_run_as_it_was(tmp_path, monkeypatch, capsys):
+    """--running-var convert with a file that does not say which variance it keeps: one line, and
+    the folder's earlier results.json still there (refused before anything is removed or written)."""
+    import safetensors.numpy
+    import compare
+    from common.init import canonical_weights
+    safetensors.numpy.save_file(canonical_weights(0, np.float32), str(tmp_path / "lenet.safetensors"))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text("{}\n")
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit) as exited:
+        compare.main(["--init", str(tmp_path / "lenet.safetensors"), "--running-var", "convert", *map(str, TINY),
+                      "--out", str(out)])
+    assert re.fullmatch(r"error: --running-var convert: .*lenet\.safetensors: the checkpoint does not say which "
+                        r"running variance it keeps \(metadata 'running_var': None, .*\)", str(exited.value))
+    assert (out / "results.json").read_text() == "{}\n" and sorted(path.name for path in out.iterdir()) == ["results.json"]
+
+
 # ---------------------------------------------------------------------------
 # float64, determinism, seeds
 # ---------------------------------------------------------------------------
@@ -678,6 +723,9 @@ ARGUMENT_ERRORS = [
     (["--evaluate", "runs/a", "--init", "runs/a/checkpoints/torch-scratch.pt"],
      "--evaluate trains nothing: leave out --init"),
     (["--evaluate", "runs/a", "--data-parallel", "2"], "--evaluate trains nothing: leave out --data-parallel"),
+    (["--evaluate", "runs/a", "--mode", "compiled"], "--evaluate trains nothing: leave out --mode compiled"),
+    (["--evaluate", "runs/a", "--dtype", "float64"],
+     "--evaluate evaluates each checkpoint in its own dtype: leave out --dtype float64"),
     (["--init", "runs/a/checkpoints/torch-scratch.pt", "--bench"],
      "--bench measures from the canonical initialisation: leave out --init"),
     (["--running-var", "convert"], "--running-var convert converts the moving variances of --init FILE: give one"),
