@@ -755,15 +755,16 @@ def results_view(results, bench, out):
     if results is None and bench is None:
         return None
     view = {"results": results, "bench": bench, "plots": [], "summary": None, "evaluation": None}
-    if results is not None and "evaluation" in results:
-        from common.report import console, plots  # noqa: PLC0415 (matplotlib, only when there are results)
+    if results is None:
+        return view
+    from common.report import console, plots  # noqa: PLC0415 (matplotlib, only when there are results)
+    if "evaluation" in results:
         path = Path(out) / f"{plots.EVALUATION}.svg"
         view["evaluation"] = {"table": console.evaluation_rows(results),
                               "svg": inline_svg(path, plots.EVALUATION) if path.exists() else None,
                               "sources": list(zip(*(results["evaluation"][key] for key in
                                                     ("rows", "files", "dtypes", "sources"))))}
-    if results is not None and "runs" in results:
-        from common.report import console, plots  # noqa: PLC0415 (matplotlib, only when there are results)
+    if "runs" in results:
         view["summary"] = console.summary_rows(results)
         for stem, title in ((plots.CURVES, "Training curves"), (plots.DIVERGENCE, "How far the implementations drift apart")):
             path = Path(out) / f"{stem}.svg"

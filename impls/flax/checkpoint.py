@@ -65,6 +65,8 @@ def load_native(path):
     dtype = next(iter(found.values())).dtype
     graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: LeNet(norm, param_dtype=dtype)))
     nnx.replace_by_pure_dict(abstract_state, state)
+    # The folder's own metadata, where it has some, says where the model trained (a canonical file
+    # moved into this format keeps its source); the format alone says only how it is stored.
     metadata = {"framework": "flax", "norm": norm, "running_var": RUNNING_VARIANCE[norm], **stored}
     return export_weights(nnx.merge(graphdef, abstract_state)), metadata
 

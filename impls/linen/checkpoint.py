@@ -60,5 +60,7 @@ def load_native(path):
                   native_shapes(norm))
     # Linen's way back: the variables are the model, beside a module of the same structure.
     dtype = next(iter(found.values())).dtype
+    # The folder's own metadata, where it has some, says where the model trained (a canonical file
+    # moved into this format keeps its source); the format alone says only how it is stored.
     metadata = {"framework": "linen", "norm": norm, "running_var": RUNNING_VARIANCE[norm], **stored}
     return export_weights(Model(LeNet(norm, param_dtype=dtype), tree)), metadata
