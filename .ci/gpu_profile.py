@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Where a compiled training step's time goes on a GPU: the figures behind docs/performance.md's GPU
-analysis, measured in one run.
+"""Where a compiled training step's time goes on a GPU, measured in one run: what docs/performance.md
+("Where the time goes on the GPU") reports, measured again on the GPU that runs it.
 
     python3 .ci/gpu_profile.py [--impls torch-builtin,flax-builtin] [--batch-sizes 256,2048]
 

@@ -93,7 +93,7 @@ def suite_lines(logs):
     lines = [f"Tests: {said} in {float(seconds):.0f} s" + (" (interrupted)" if "Interrupted" in text
                                                             or "KeyboardInterrupt" in text else "") + "."]
     if counts.get("deselected"):
-        lines.append(f"Deselected by name (`-m \"not browser\"`): the {counts['deselected']} tests that read "
+        lines.append(f"Deselected by marker (`-m \"not browser\"`): the {counts['deselected']} tests that read "
                      "report.html in chromium through selenium, which the GPU machine lacks; CI runs them.")
     outcomes = [line for line in text.splitlines() if re.match(r"(FAILED|ERROR|SKIPPED|XPASS|XFAIL) ", line)]
     lines += [f"- `{line}`" for line in outcomes[:20]]
