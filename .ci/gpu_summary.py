@@ -51,7 +51,7 @@ def machine():
 
 
 def commit():
-    """The checkout's commit ('-dirty' if files differ from it), where git and the history are at hand."""
+    """The checkout's commit ('-dirty' if files differ from it), where git and the history exist."""
     try:
         return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True,
                               text=True, timeout=10, check=True).stdout.strip()
