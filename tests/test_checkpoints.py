@@ -41,7 +41,8 @@ BATCHES = {"float64": FLOAT64_TRAJECTORY_BATCH, "float32": FLOAT32_TRAJECTORY_BA
 
 @pytest.fixture(scope="module")
 def test_images(fashion_mnist):
-    return fashion_mnist[2][:TEST_IMAGES]
+    # A copy: the loader's arrays are read-only, and torch.from_numpy warns of a view of one.
+    return fashion_mnist[2][:TEST_IMAGES].copy()
 
 
 def own_logits(trajectories, name, images):
