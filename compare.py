@@ -22,7 +22,7 @@ import numpy as np
 
 from common import checkpoint
 from common.checkpoint import CheckpointError
-from common.data import DataError, load_fashion_mnist, shard_bounds
+from common.data import DataError, load_fashion_mnist, num_batches, shard_bounds
 from common.files import atomic_path
 from common.harness import (IMPLEMENTATIONS, MODES, PRECISIONS, cross_evaluate, data_parallel_module,
                             parse_implementations, run_implementation, select_devices)
@@ -313,7 +313,8 @@ def initial_weights(args, dtype, reports):
 def write_checkpoints(args, runs, snapshots, init):
     """Each implementation that trained to the end, in every format, into <out>/checkpoints/:
     {name: [its files, relative to --out]}."""
-    steps_per_epoch = min(-(-TRAIN_EXAMPLES // args.batch_size), args.max_batches or TRAIN_EXAMPLES)
+    # An epoch's steps as the harness counts them (common.data.num_batches, at most --max-batches).
+    steps_per_epoch = min(num_batches(TRAIN_EXAMPLES, args.batch_size), args.max_batches or TRAIN_EXAMPLES)
     steps_before = int(init.metadata.get("steps", 0)) if init is not None else 0
     trained = [name for name, run in runs.items()
                if "not_run" not in run and not run["diverged_at_step"] and run["epochs"]]
