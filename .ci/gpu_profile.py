@@ -32,7 +32,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common.data import load_fashion_mnist, train_batch_indices  # noqa: E402
-from common.harness import IMPLEMENTATIONS, PRECISIONS, parse_implementations, select_devices, start_run  # noqa: E402
+from common.drivers.harness import select_devices, start_run  # noqa: E402
+from common.drivers.settings import PRECISIONS  # noqa: E402
+from impls.registry import IMPLEMENTATIONS, parse_implementations  # noqa: E402
 from common.init import canonical_weights  # noqa: E402
 
 LR = 1.0

@@ -109,11 +109,11 @@ def number(value, digits=3):
 def compiled_lines(logs):
     path = logs / "compiled" / "results.json"
     if not path.exists():
-        return ["compare.py --mode compiled: no results.json (see compiled.log)."]
+        return ["compare.py train --mode compiled: no results.json (see compiled.log)."]
     results = json.loads(path.read_text())
     config, environment = results["config"], results["environment"]
     batches = f"{config['max_batches']} batches" if config["max_batches"] else "all batches"
-    lines = [f"compare.py --mode compiled: epochs {config['epochs']} of {batches} of {config['batch_size']}, "
+    lines = [f"compare.py train --mode compiled: epochs {config['epochs']} of {batches} of {config['batch_size']}, "
              f"lr {config['lr']}, {config['dtype']}"
              f"{', TF32 allowed' if config['tf32'] else ''}; on "
              + ", ".join(f"{framework} {device}" for framework, device in environment["devices"].items()) + ".", ""]
@@ -151,10 +151,10 @@ def compiled_lines(logs):
 def bench_lines(logs):
     path = logs / "bench" / "bench.json"
     if not path.exists():
-        return ["compare.py --bench: no bench.json (see bench.log)."]
+        return ["compare.py bench: no bench.json (see bench.log)."]
     results = json.loads(path.read_text())
     config = results["config"]
-    lines = [f"compare.py --bench: median of {config['repeats']} repeats of {config['bench_batches']} batches of "
+    lines = [f"compare.py bench: median of {config['repeats']} repeats of {config['bench_batches']} batches of "
              f"{config['batch_size']}, {config['dtype']}{', TF32 allowed' if config['tf32'] else ''}, in rounds; "
              f"on {', '.join(sorted({row['device'] for row in results['rows']}))}. 'x chapter loop': against d2l's "
              "loop with the same batch norm; 'x float32': against the same implementation and mode in float32.", ""]

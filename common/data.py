@@ -1,7 +1,7 @@
 """Fashion-MNIST loading and batching shared by the PyTorch and JAX/Flax code.
 
-Both frameworks get the very same numpy arrays and the very same batches from
-here, so any difference between them comes from batch normalization, not from
+Every implementation gets the very same numpy arrays and the very same batches
+from here, so any difference between them comes from batch normalization, not from
 the input pipeline.
 
 Where the data is looked for (the first place holding all four files wins):

@@ -1,5 +1,5 @@
 """What the suite measures in separate worker processes: one launch of WORKERS processes (as
-torchrun starts them, through common.parallel.launch_local_workers), shared by every test that
+torchrun starts them, through common.drivers.workers.launch_local_workers), shared by every test that
 needs torch.distributed (tests/test_data_parallel.py).
 
 Worker 0 gathers what every worker saw and returns it; the tests compare it in the parent process
@@ -198,7 +198,7 @@ def fail_on_worker_1():
 
     import torch.distributed as dist
 
-    from common.parallel import DataParallelError
+    from common.launch import DataParallelError
     dist.init_process_group("gloo", init_method="env://")
     if dist.get_rank() == 1:
         raise DataParallelError("worker 1 cannot go on")

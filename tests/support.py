@@ -1,9 +1,11 @@
-"""Driving the four implementations from tests, through the interface compare.py uses."""
+"""Driving the six implementations from tests, through the interface the driving code uses
+(impls/interface.py)."""
 
 import numpy as np
 
 from common.data import to_layout, train_batches
-from common.harness import IMPLEMENTATIONS, framework_of, start_run
+from common.drivers.harness import start_run
+from impls.registry import IMPLEMENTATIONS, training_of
 from common.init import MOVING_STAT_NAMES, PARAMETER_NAMES
 
 NAMES = tuple(IMPLEMENTATIONS)
@@ -12,7 +14,7 @@ NAMES = tuple(IMPLEMENTATIONS)
 def build(name, weights, compute_dtype=None):
     """(train module, model, device) for one implementation, on the CPU, holding `weights`;
     compute_dtype 'bfloat16': mixed precision (build_lenet's)."""
-    module = framework_of(name)
+    module = training_of(name)
     device = module.select_device("cpu", weights["conv1.weight"].dtype)
     return module, module.build_lenet(weights, IMPLEMENTATIONS[name][1], device, compute_dtype=compute_dtype), device
 

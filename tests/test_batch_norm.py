@@ -85,7 +85,7 @@ def test_layer_matches_numpy_reference_at_lenet_shapes(name, shape, dtype):
 @pytest.mark.parametrize("name", list(LAYERS))
 @pytest.mark.parametrize("shape", [(16, 5), (4, 3, 5, 5)], ids=["2-D", "4-D"])
 def test_scratch_functions_and_builtins_agree_with_each_other(name, shape):
-    """The four side by side on one input: outputs within a float64 rounding of each other."""
+    """The six layers side by side on one input: outputs within a float64 rounding of each other."""
     rng = np.random.default_rng(1)
     batches = [(1e3 + 1e2 * rng.standard_normal(shape)) for _ in range(2)]
     gamma, beta = rng.uniform(0.5, 2.0, shape[1]), rng.normal(size=shape[1])

@@ -25,8 +25,10 @@ from torch import nn
 
 from common import checkpoint
 from common.checkpoint import CheckpointError
+from common.drivers import checkpoints
 from common.data import train_batches
-from common.harness import IMPLEMENTATIONS
+from impls import registry
+from impls.registry import IMPLEMENTATIONS
 from common.init import (BATCH_NORM_LAYERS, MOVING_STAT_NAMES, PARAMETER_NAMES, VALUES_PER_EXAMPLE, WEIGHT_NAMES,
                          canonical_weights)
 from tests.conftest import FLOAT32_TRAJECTORY_BATCH, FLOAT64_TRAJECTORY_BATCH, TRAJECTORY_STEPS
@@ -62,8 +64,8 @@ def moved(trajectories, dtype, folder):
     ported = {}
     for name in NAMES:
         weights = trajectories[name][1][-1]
-        metadata = checkpoint.metadata_for(name, weights, TRAJECTORY_STEPS, BATCHES[dtype], 1.0, 0, float("nan"))
-        ported[name] = checkpoint.read(checkpoint.save(weights, folder / f"{name}.safetensors", metadata))
+        metadata = checkpoints.metadata_for(name, weights, TRAJECTORY_STEPS, BATCHES[dtype], 1.0, 0, float("nan"))
+        ported[name] = checkpoints.read(checkpoint.save(weights, folder / f"{name}.safetensors", metadata))
     return ported
 
 
@@ -90,7 +92,7 @@ def test_float64_a_moved_model_predicts_what_it_predicted_where_it_was_trained(
     stored value is what inference uses, wherever it is loaded."""
     reference = own_logits(trajectories_float64, source, test_images)
     ported = moved_float64[source]
-    assert ported.source == source and ported.metadata["running_var"] == checkpoint.running_variance_of(source)
+    assert ported.source == source and ported.metadata["running_var"] == checkpoints.running_variance_of(source)
     for target in NAMES:
         assert_close(f"test logits of the model trained in {source}", source, reference, f"it in {target}",
                      predict(target, ported.weights, test_images), FLOAT64_PASS * magnitude(reference))
@@ -134,16 +136,16 @@ def test_a_round_trip_through_every_format_returns_the_same_arrays(request, tmp_
     _, model, _ = trajectories[first][2]
     started = {key: value.clone() for key, value in model.state_dict().items()}
     expected = trajectories[first][1][-1]
-    ported = checkpoint.read(checkpoint.framework_checkpoint("pytorch").save_native(model, tmp_path / "0.pt", {}))
+    ported = checkpoints.read(registry.checkpoint("pytorch").save_native(model, tmp_path / "0.pt", {}))
     assert_same_arrays(ported.weights, expected, "state_dict")
     for index, name in enumerate(others, start=1):
-        ported = checkpoint.read(checkpoint.save(ported.weights, tmp_path / f"{index}.safetensors", ported.metadata))
+        ported = checkpoints.read(checkpoint.save(ported.weights, tmp_path / f"{index}.safetensors", ported.metadata))
         assert_same_arrays(ported.weights, expected, f"canonical file {index}")
         framework = IMPLEMENTATIONS[name][0]
         _, model, _ = build(name, ported.weights)
-        native = checkpoint.framework_checkpoint(framework)
+        native = registry.checkpoint(framework)
         path = native.save_native(model, tmp_path / f"{index}{native.NATIVE_SUFFIX}", ported.metadata)
-        ported = checkpoint.read(path)
+        ported = checkpoints.read(path)
         assert ported.format == framework
         assert_same_arrays(ported.weights, expected, f"{name}'s {native.NATIVE_SUFFIX}")
     ended = torch.load(path, weights_only=True)
@@ -166,12 +168,12 @@ def test_flax_guides_restore_rounds_float64_statistics_to_float32_where_load_nat
     weights = canonical_weights(0, np.float64)
     weights["bn1.moving_var"] = weights["bn1.moving_var"] / 3  # not a float32 number
     _, model, _ = build("flax-builtin", weights)
-    path = checkpoint.framework_checkpoint("flax").save_native(model, tmp_path / "model.orbax", {})
+    path = registry.checkpoint("flax").save_native(model, tmp_path / "model.orbax", {})
     graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: LeNet("builtin", param_dtype=jnp.float64)))
     guides = nnx.merge(graphdef, checkpointer().restore(path, args=ocp.args.StandardRestore(abstract_state)))
     assert guides.bn1.var[...].dtype == np.float32 and guides.conv1.kernel[...].dtype == np.float64
     assert np.max(np.abs(np.asarray(guides.bn1.var[...], np.float64) - weights["bn1.moving_var"])) > 1e-9
-    assert_same_arrays(checkpoint.read(path).weights, weights, "load_native")
+    assert_same_arrays(checkpoints.read(path).weights, weights, "load_native")
 
 
 # ---------------------------------------------------------------------------
@@ -254,7 +256,7 @@ def test_training_on_after_a_move_equals_training_on_without_it(trajectories_flo
         for layer in BATCH_NORM_LAYERS:
             key = f"{layer}.moving_var"
             expected = without[key]
-            if checkpoint.running_variance_of(target) != stored:
+            if checkpoints.running_variance_of(target) != stored:
                 expected = in_other_convention(without[key], stored, ported.weights[key], momentum, STEPS_AFTER,
                                                values_per_channel(layer))
                 # The conventions differ by far more than the bound: the prediction is tested, not the bound.
@@ -265,7 +267,7 @@ def test_training_on_after_a_move_equals_training_on_without_it(trajectories_flo
 
 def converted_pairs():
     return [(source, target) for source in NAMES for target in NAMES
-            if checkpoint.running_variance_of(source) != checkpoint.running_variance_of(target)]
+            if checkpoints.running_variance_of(source) != checkpoints.running_variance_of(target)]
 
 
 def test_running_var_convert_keeps_the_two_conventions_in_proportion_through_training(
@@ -279,7 +281,7 @@ def test_running_var_convert_keeps_the_two_conventions_in_proportion_through_tra
     assert len(pairs) == 10  # torch-builtin against the five others, both ways
     for source, target in pairs:
         ported = moved_float64[source]
-        wanted = checkpoint.running_variance_of(target)
+        wanted = checkpoints.running_variance_of(target)
         converted = checkpoint.convert_running_variance(ported.weights, ported.metadata["running_var"], wanted,
                                                         FLOAT64_TRAJECTORY_BATCH)
         if source not in withouts:
@@ -304,7 +306,7 @@ def test_running_var_convert_predicts_as_the_target_trained_alike(trajectories_f
     for source, target in converted_pairs():
         ported = moved_float64[source]
         momentum = float(ported.metadata["momentum"])
-        wanted = checkpoint.running_variance_of(target)
+        wanted = checkpoints.running_variance_of(target)
         converted = checkpoint.convert_running_variance(ported.weights, ported.metadata["running_var"], wanted,
                                                         FLOAT64_TRAJECTORY_BATCH)
         own = trajectories_float64[target][1][-1]
@@ -337,7 +339,7 @@ def test_init_trains_on_from_the_checkpoint_cast_and_converted(moved_float64, tm
                          "--epochs", "1", "--max-batches", "1", "--batch-size", "64", "--lr", "1e-30",
                          "--no-progress", "--device", "cpu", "--out", str(out)]) == 0
     assert f"--init {source.path}: float64 weights, cast to float32 for this run" in capsys.readouterr().out
-    written = {name: checkpoint.read(out / "checkpoints" / f"{name}.safetensors") for name in ("torch-scratch",
+    written = {name: checkpoints.read(out / "checkpoints" / f"{name}.safetensors") for name in ("torch-scratch",
                                                                                                "torch-builtin")}
     for name, ported in written.items():
         assert ported.metadata["steps"] == str(TRAJECTORY_STEPS + 1)
@@ -408,7 +410,7 @@ def interrupted_orbax(folder):
     renames it to <name> when complete; here a complete one, renamed back."""
     import orbax.checkpoint as ocp
     _, model, _ = build("flax-builtin", canonical_weights(0, np.float32))
-    complete = checkpoint.framework_checkpoint("flax").save_native(model, folder / "model.orbax", {})
+    complete = registry.checkpoint("flax").save_native(model, folder / "model.orbax", {})
     left = folder / f"model.orbax{ocp.path.step.TMP_DIR_SUFFIX}-1234"
     shutil.move(complete, left)
     return left
@@ -471,7 +473,7 @@ def test_bad_input_is_one_line_naming_what_was_expected(tmp_path, case):
     make, message = BAD_INPUT[case]
     path = make(tmp_path)
     with pytest.raises(CheckpointError) as refused:
-        checkpoint.read_all([path])
+        checkpoints.read_all([path])
     text = str(refused.value)
     assert "\n" not in text and text.startswith(str(path).rstrip("/")), text
     assert re.search(message, text), text
@@ -484,9 +486,9 @@ def test_a_run_folder_gives_its_canonical_files_in_implementation_order(tmp_path
     folder = tmp_path / "run" / "checkpoints"
     weights = canonical_weights(0, np.float32)
     for name in reversed(NAMES):
-        checkpoint.write(folder, name, weights, checkpoint.metadata_for(name, weights, 0, 64, 1.0, 0, 0.1))
+        checkpoints.write(folder, name, weights, checkpoints.metadata_for(name, weights, 0, 64, 1.0, 0, 0.1))
     interrupted_orbax(folder)
     expected = [str(folder / f"{name}.safetensors") for name in NAMES]
-    assert checkpoint.checkpoint_paths(tmp_path / "run") == expected
-    assert checkpoint.checkpoint_paths(folder) == expected
-    assert [ported.label for ported in checkpoint.read_all([folder])] == list(NAMES)
+    assert checkpoints.checkpoint_paths(tmp_path / "run") == expected
+    assert checkpoints.checkpoint_paths(folder) == expected
+    assert [ported.label for ported in checkpoints.read_all([folder])] == list(NAMES)

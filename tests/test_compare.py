@@ -4,19 +4,17 @@ A handful of tiny runs (a few batches each, on the real Fashion-MNIST) are share
 through module-scoped fixtures: one run of all six implementations for results.json, the plots and
 the printed report; a float64 run; a second run with the same seed and one with another seed; a run
 whose learning rate makes the loss overflow; the main run's settings over two workers, and a float64
-run under torchrun; the compiled mode, the benchmark and --side-by-side; --evaluate on the main
-run's checkpoints, and --init with a checkpoint it refuses. The shared runs the
-selected tests need all start with the module, two at a time (SharedRuns). Every error path must
-stop before training with a clear message and leave no results.json behind: argparse's in this
-process, the others each in a cheap run of its own. One full-size data-parallel run is interrupted
-with SIGINT, and one loses a worker to SIGKILL.
+run under torchrun; the compiled mode, the benchmark and the page alone; evaluate on the main run's
+checkpoints, and --init with a checkpoint it refuses. The shared runs the selected tests need all
+start with the module, two at a time (SharedRuns). Every error path must stop before training with
+a clear message and leave no results.json behind: argparse's in this process, the others each in a
+cheap run of its own. (Runs stopped by a signal, or losing a worker: tests/test_stopping.py.)
 
 All training runs pass --device cpu (except the diverging one, which exercises the default 'auto'),
 so that the numbers and the "on cpu" lines hold on a machine with a GPU too.
 """
 
 import ast
-import contextlib
 import itertools
 import json
 import math
@@ -27,7 +25,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import xml.etree.ElementTree as ElementTree
 from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import version
@@ -38,15 +35,24 @@ import numpy as np
 import pytest
 
 from common.report import page
+from impls import registry
+from impls.registry import IMPLEMENTATIONS
 from tests.browser import open_page, start_chromium
 from tests.tolerances import FLOAT32_PORTED_LOGITS
 
 REPO = Path(__file__).resolve().parent.parent
-IMPLS = ["torch-scratch", "torch-builtin", "flax-scratch", "flax-builtin", "linen-scratch", "linen-builtin"]
+IMPLS = list(IMPLEMENTATIONS)  # the registry's six, in its order: compare.py's default
 PAIRS = [list(pair) for pair in itertools.combinations(IMPLS, 2)]
-FLAGS = ["--epochs", "--batch-size", "--lr", "--seed", "--impls", "--dtype", "--device", "--data-dir",
-         "--out", "--max-batches", "--no-progress", "--mode", "--tf32", "--bench", "--data-parallel", "--bn-stats",
-         "--worker-timeout", "--side-by-side", "--init", "--running-var", "--evaluate"]
+# Each command's own flags, and no other's.
+COMMON_FLAGS = ["--impls", "--batch-size", "--device", "--tf32", "--data-dir", "--out", "--no-progress"]
+PARALLEL_FLAGS = ["--data-parallel", "--bn-stats", "--worker-timeout"]
+FLAGS = {
+    "train": [*COMMON_FLAGS, "--epochs", "--lr", "--seed", "--dtype", "--mode", "--max-batches", *PARALLEL_FLAGS,
+              "--init", "--running-var"],
+    "evaluate": COMMON_FLAGS,
+    "bench": [*COMMON_FLAGS, "--lr", "--seed", "--dtype", "--batches", "--repeats", *PARALLEL_FLAGS],
+    "page": ["--out"],
+}
 TIMING_FIELDS = {"examples_per_sec", "compile_seconds", "wall_seconds", "train_seconds"}
 RUN_TIMEOUT_S = 300  # generous: a tiny run takes about 15 s on a 2-core CPU
 # PyTorch's OpenMP threads spin-wait: with a second busy process on a 2-core machine (another test
@@ -56,7 +62,7 @@ ENVIRONMENT = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"
 
 # The shared tiny run: 2 epochs of 3 batches of 64.
 EPOCHS, MAX_BATCHES, BATCH_SIZE = 2, 3, 64
-TINY = ["--epochs", EPOCHS, "--max-batches", MAX_BATCHES, "--batch-size", BATCH_SIZE, "--no-progress",
+TINY = ["train", "--epochs", EPOCHS, "--max-batches", MAX_BATCHES, "--batch-size", BATCH_SIZE, "--no-progress",
         "--device", "cpu"]
 TRAIN_EXAMPLES = MAX_BATCHES * BATCH_SIZE  # examples seen per epoch
 TEST_EXAMPLES = 10000
@@ -137,17 +143,11 @@ def no_data_command(folder, runs):
     return compare_command("--data-dir", folder / "empty", "--device", "cpu")
 
 
-def side_by_side_command(folder, runs):
-    """--side-by-side, pointed at a folder without the data set: it needs none."""
-    (folder / "no-data").mkdir()
-    return compare_command("--side-by-side", "--data-dir", folder / "no-data")
-
-
 def evaluate_command(folder, runs):
-    """--evaluate on the main run's folder (its six canonical files) and, as a user's own, its
+    """evaluate on the main run's folder (its six canonical files) and, as a user's own, its
     torch-builtin state_dict, in two implementations, on the main run's batch size."""
     checkpoints = runs.out("main_run")
-    return compare_command("--evaluate", checkpoints, checkpoints / "checkpoints" / "torch-builtin.pt",
+    return compare_command("evaluate", checkpoints, checkpoints / "checkpoints" / "torch-builtin.pt",
                            "--impls", "torch-builtin,flax-scratch", "--batch-size", BATCH_SIZE, "--no-progress",
                            "--device", "cpu")
 
@@ -159,18 +159,18 @@ def bad_init_command(folder, runs):
     weights = canonical_weights(0, np.float32)
     del weights["bn2.moving_var"]
     safetensors.numpy.save_file(weights, str(folder / "lenet.safetensors"))
-    return compare_command("--init", folder / "lenet.safetensors", *TINY)
+    return compare_command(*TINY, "--init", folder / "lenet.safetensors")
 
 
 def orbax_init_command(folder, runs):
     """--init with NNX's Orbax folder, two workers on a mesh of host devices: reading the folder
     starts JAX, which the mesh's host devices must precede."""
-    from common import checkpoint
+    from common.drivers import checkpoints
     from common.init import canonical_weights
     weights = canonical_weights(0, np.float32)
-    checkpoint.write(folder / "checkpoints", "flax-scratch", weights,
-                     checkpoint.metadata_for("flax-scratch", weights, 0, BATCH_SIZE, 1.0, 0, 0.1))
-    return compare_command("--init", folder / "checkpoints" / "flax-scratch.orbax", "--data-parallel", 2,
+    checkpoints.write(folder / "checkpoints", "flax-scratch", weights,
+                      checkpoints.metadata_for("flax-scratch", weights, 0, BATCH_SIZE, 1.0, 0, 0.1))
+    return compare_command("train", "--init", folder / "checkpoints" / "flax-scratch.orbax", "--data-parallel", 2,
                            "--impls", "flax-scratch", "--epochs", 1, "--max-batches", 2, "--batch-size", BATCH_SIZE,
                            "--no-progress", "--device", "cpu")
 
@@ -183,36 +183,38 @@ SHARED_RUNS = {
     "main_run": (compare_command(*TINY), None),
     # --mode compiled on the main run's settings.
     "compiled_run": (compare_command(*TINY, "--mode", "compiled", "--impls", "torch-scratch,flax-scratch"), None),
-    "mixed_precision_run": (compare_command("--impls", "torch-builtin,flax-scratch", "--dtype", "bf16-mixed",
+    "mixed_precision_run": (compare_command("train", "--impls", "torch-builtin,flax-scratch", "--dtype", "bf16-mixed",
                                             "--epochs", 1, "--max-batches", 3, "--batch-size", BATCH_SIZE,
                                             "--no-progress", "--device", "cpu"), None),
     # The benchmark on batches of 64, as the compiled run, whose compiled PyTorch graph it then
     # finds in TorchInductor's cache.
-    "bench_run": (compare_command("--bench", "--impls", "torch-scratch,flax-scratch", "--batch-size", BATCH_SIZE,
-                                  "--bench-batches", 2, "--repeats", 1, "--data-parallel", 2, "--no-progress",
+    "bench_run": (compare_command("bench", "--impls", "torch-scratch,flax-scratch", "--batch-size", BATCH_SIZE,
+                                  "--batches", 2, "--repeats", 1, "--data-parallel", 2, "--no-progress",
                                   "--dtype", "bf16-mixed", "--device", "cpu"), "compiled_run"),
-    "float64_run": (compare_command("--impls", "torch-scratch,flax-scratch", "--dtype", "float64", "--epochs", 1,
-                                    "--max-batches", 3, "--batch-size", BATCH_SIZE, "--no-progress", "--device", "cpu"),
-                    None),
+    "float64_run": (compare_command("train", "--impls", "torch-scratch,flax-scratch", "--dtype", "float64",
+                                    "--epochs", 1, "--max-batches", 3, "--batch-size", BATCH_SIZE, "--no-progress",
+                                    "--device", "cpu"), None),
     # Two of the main run's six again, after it: they load the executables it compiled.
     "same_seed_run": (compare_command(*TINY, "--impls", "torch-builtin,linen-builtin"), "main_run"),
     # torch-scratch alone with --seed 1, otherwise the main run's settings.
     "single_seed1_run": (compare_command(*TINY, "--impls", "torch-scratch", "--seed", 1), None),
     # lr 1e38 overflows float32 in the second step (measured; lr 1e30 still gives finite losses).
-    "diverged_run": (compare_command("--lr", "1e38", "--max-batches", 5, "--epochs", 1, "--batch-size", BATCH_SIZE,
-                                     "--impls", "torch-builtin,flax-scratch", "--no-progress"), None),
-    # Two error paths that need a process: argparse's exit, and a data folder without the data.
+    "diverged_run": (compare_command("train", "--lr", "1e38", "--max-batches", 5, "--epochs", 1,
+                                     "--batch-size", BATCH_SIZE, "--impls", "torch-builtin,flax-scratch",
+                                     "--no-progress"), None),
+    # Two error paths that need a process: argparse's exit (with no command: compare.py trains),
+    # and a data folder without the data.
     "argument_error_run": (compare_command("--data-parallel", 200), None),
     "no_data_run": (no_data_command, None),
     # The main run's settings over 2 workers: PyTorch's two processes, JAX's mesh of two CPU devices.
     "data_parallel_run": (compare_command(*TINY, "--data-parallel", 2,
                                           "--impls", "torch-scratch,torch-builtin,flax-scratch"), None),
-    # The float64 run's settings, in two processes started by torchrun.
+    # The float64 run's settings, in two processes started by torchrun (with no command: compare.py trains).
     "torchrun_run": (["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                       *compare_command("--impls", "torch-scratch,flax-scratch", "--dtype", "float64", "--epochs", 1,
                                        "--max-batches", 3, "--batch-size", BATCH_SIZE, "--no-progress",
                                        "--device", "cpu")], None),
-    "side_by_side_run": (side_by_side_command, None),
+    "page_run": (compare_command("page"), None),
     # The main run's checkpoints, each evaluated in two implementations.
     "evaluate_run": (evaluate_command, "main_run"),
     "bad_init_run": (bad_init_command, None),
@@ -270,7 +272,7 @@ class SharedRuns:
         self.pool.shutdown(wait=False, cancel_futures=True)
         for process in self.processes:
             if process.poll() is None:
-                process.send_signal(signal.SIGINT)  # as Ctrl-C: compare.py stops its workers (tested below)
+                process.send_signal(signal.SIGINT)  # as Ctrl-C: compare.py stops its workers (tests/test_stopping.py)
                 try:
                     process.wait(timeout=30)
                 except subprocess.TimeoutExpired:
@@ -475,13 +477,13 @@ def test_main_run_report(main_run):
 def test_main_run_writes_each_implementation_in_every_format(main_run):
     """checkpoints/ beside results.json: each implementation's canonical file, with the metadata a
     reader needs, and its framework's own format holding the same arrays."""
-    from common import checkpoint
+    from common.drivers import checkpoints
     _, out, results = main_run
-    native = {"torch": ".pt", "flax": ".orbax", "linen": ".orbax"}
-    assert results["checkpoints"] == {name: [f"checkpoints/{name}.safetensors",
-                                             f"checkpoints/{name}{native[name.split('-')[0]]}"] for name in IMPLS}
+    native = {name: registry.checkpoint(framework).NATIVE_SUFFIX for name, (framework, _) in IMPLEMENTATIONS.items()}
+    assert results["checkpoints"] == {name: [f"checkpoints/{name}.safetensors", f"checkpoints/{name}{native[name]}"]
+                                      for name in IMPLS}
     for name, (canonical_path, native_path) in results["checkpoints"].items():
-        canonical, own = checkpoint.read(out / canonical_path), checkpoint.read(out / native_path)
+        canonical, own = checkpoints.read(out / canonical_path), checkpoints.read(out / native_path)
         run = results["runs"][name]
         assert {key: canonical.metadata[key] for key in ("implementation", "dtype", "steps", "seed", "test_acc",
                                                           "running_var", "momentum", "init")} == {
@@ -500,7 +502,7 @@ evaluate_run = shared_results("evaluate_run")
 
 
 def test_evaluate_measures_each_checkpoint_in_each_implementation(evaluate_run, main_run):
-    """--evaluate on the main run: each checkpoint, in the implementation it was trained in, scores the
+    """evaluate on the main run: each checkpoint, in the implementation it was trained in, scores the
     run's own test accuracy; in the others, its logits within float32 rounding of those."""
     process, out, results = evaluate_run
     _, main_out, main_results = main_run
@@ -576,7 +578,7 @@ def test_a_conversion_the_checkpoint_cannot_say_leaves_the_last_run_as_it_was(tm
     (out / "results.json").write_text("{}\n")
     monkeypatch.chdir(REPO)
     with pytest.raises(SystemExit) as exited:
-        compare.main(["--init", str(tmp_path / "lenet.safetensors"), "--running-var", "convert", *map(str, TINY),
+        compare.main([*map(str, TINY), "--init", str(tmp_path / "lenet.safetensors"), "--running-var", "convert",
                       "--out", str(out)])
     assert re.fullmatch(r"error: --running-var convert: .*lenet\.safetensors: the checkpoint does not say which "
                         r"running variance it keeps \(metadata 'running_var': None, .*\)", str(exited.value))
@@ -695,11 +697,12 @@ def test_diverged_run_is_reported_and_recorded(diverged_run):
 # ---------------------------------------------------------------------------
 
 
-# (arguments, what stderr's last line says after "compare.py: error: ")
+# (arguments, what stderr's last line says after "compare.py[ COMMAND]: error: "). Without a command,
+# compare.py trains.
 ARGUMENT_ERRORS = [
     (["--impls", "torch-scratch,nope"], "argument --impls: unknown implementation nope; "
                                         "choose from torch-scratch, torch-builtin, flax-scratch, flax-builtin"),
-    (["--epochs", "0"], "argument --epochs: expected a positive integer, got '0'"),
+    (["train", "--epochs", "0"], "argument --epochs: expected a positive integer, got '0'"),
     (["--batch-size", "-3"], "argument --batch-size: expected a positive integer, got '-3'"),
     (["--batch-size", "abc"], "argument --batch-size: expected a positive integer, got 'abc'"),
     (["--lr", "-1"], "argument --lr: expected a positive, finite number, got '-1'"),
@@ -711,7 +714,9 @@ ARGUMENT_ERRORS = [
     (["--batch-size", "59999"], "--batch-size 59999 leaves a last training batch of one example"),
     (["--batch-size", "59999", "--max-batches", "3"], "--batch-size 59999 leaves a last training batch of one example"),
     (["--mode", "fast"], "argument --mode: invalid choice: 'fast'"),
-    (["--bench", "--bench-batches", "500"], "--bench-batches 500: an epoch has only 234 full batches of 256"),
+    (["bench", "--batches", "500"], "--batches 500: an epoch has only 234 full batches of 256"),
+    (["bench", "--batch-size", "1"], "--batch-size 1: batch norm in training needs at least 2 examples per batch"),
+    (["bench", "--dtype", "float64"], "argument --dtype: invalid choice: 'float64'"),
     (["--data-parallel", "0"], "argument --data-parallel: expected a positive integer, got '0'"),
     # 256 over 200 workers: shards of 2 and 1; the last batch, 96 examples, leaves some workers none.
     (["--data-parallel", "200"], "--data-parallel 200 with --batch-size 256: a worker's shard would hold 0 "
@@ -719,16 +724,23 @@ ARGUMENT_ERRORS = [
     (["--data-parallel", "2", "--mode", "compiled"], "--data-parallel trains the eager step (one step per batch)"),
     (["--batch-size", "1"], "--batch-size 1: batch norm in training needs at least 2 examples per batch"),
     (["--lr", "1e300"], "--lr 1e+300 is beyond the largest float32 (3.4e+38)"),
-    (["--evaluate"], "argument --evaluate: expected at least one argument"),
-    (["--evaluate", "runs/a", "--init", "runs/a/checkpoints/torch-scratch.pt"],
-     "--evaluate trains nothing: leave out --init"),
-    (["--evaluate", "runs/a", "--data-parallel", "2"], "--evaluate trains nothing: leave out --data-parallel"),
-    (["--evaluate", "runs/a", "--mode", "compiled"], "--evaluate trains nothing: leave out --mode compiled"),
-    (["--evaluate", "runs/a", "--dtype", "float64"],
-     "--evaluate evaluates each checkpoint in its own dtype: leave out --dtype float64"),
-    (["--init", "runs/a/checkpoints/torch-scratch.pt", "--bench"],
-     "--bench measures from the canonical initialisation: leave out --init"),
     (["--running-var", "convert"], "--running-var convert converts the moving variances of --init FILE: give one"),
+    (["evaluate"], "the following arguments are required: PATH"),
+    # The commands own their flags: one that another command has is refused by name.
+    (["evaluate", "runs/a", "--init", "runs/a/checkpoints/torch-scratch.pt"],
+     "unrecognized arguments: --init runs/a/checkpoints/torch-scratch.pt"),
+    (["evaluate", "runs/a", "--data-parallel", "2"], "unrecognized arguments: --data-parallel 2"),
+    (["evaluate", "runs/a", "--dtype", "float64"], "unrecognized arguments: --dtype float64"),
+    (["bench", "--init", "runs/a/checkpoints/torch-scratch.pt"],
+     "unrecognized arguments: --init runs/a/checkpoints/torch-scratch.pt"),
+    (["page", "--epochs", "1"], "unrecognized arguments: --epochs 1"),
+    (["evalute", "runs/a"], "unknown command 'evalute': choose from train, evaluate, bench, page"),
+    # The flags that chose a mode before there were commands: the new spelling, in one line.
+    (["--evaluate", "runs/a"], "--evaluate is now the evaluate command: python compare.py evaluate PATH..."),
+    (["--init", "runs/a/checkpoints/torch-scratch.pt", "--bench"],
+     "--bench is now the bench command: python compare.py bench"),
+    (["--side-by-side"], "--side-by-side is now the page command: python compare.py page"),
+    (["bench", "--bench-batches=5"], "--bench-batches is now bench's --batches: python compare.py bench --batches N"),
 ]
 
 
@@ -754,7 +766,7 @@ def test_argument_errors(tmp_path, monkeypatch, capsys, args, message):
     assert stopped.value.code == 2  # argparse's usage error
     stderr = capsys.readouterr().err
     assert stderr.startswith("usage: compare.py")
-    assert re.search("^compare\\.py: error: " + re.escape(message), stderr.strip().splitlines()[-1]), stderr
+    assert re.search(r"^compare\.py( \w+)?: error: " + re.escape(message), stderr.strip().splitlines()[-1]), stderr
     assert not out.exists()
 
 
@@ -762,8 +774,8 @@ def test_an_argument_error_ends_the_process_before_training(argument_error_run):
     """As a user meets it: exit status 2, the usage and the error on stderr, nothing trained or written."""
     process, out = argument_error_run
     assert process.returncode == 2
-    assert_refused(process, out, "^compare\\.py: error: --data-parallel 200 with --batch-size 256: ")
-    assert process.stderr.startswith("usage: compare.py")
+    assert_refused(process, out, "^compare\\.py train: error: --data-parallel 200 with --batch-size 256: ")
+    assert process.stderr.startswith("usage: compare.py train")
     assert not out.exists()
 
 
@@ -794,166 +806,33 @@ def test_data_dir_without_the_data(no_data_run):
     assert not out.exists()
 
 
-def test_help_mentions_every_flag(monkeypatch, capsys):
+def help_text(monkeypatch, capsys, *args):
     import compare
-    monkeypatch.setattr(sys, "argv", ["compare.py", "--help"])
+    monkeypatch.setattr(sys, "argv", ["compare.py", *args, "--help"])
     with pytest.raises(SystemExit) as stopped:
         compare.parse_args()
     assert stopped.value.code == 0
-    help_text = capsys.readouterr().out
-    for flag in FLAGS:
-        assert flag in help_text, flag
-    for name in IMPLS:
-        assert name in help_text, name
+    return capsys.readouterr().out
 
 
-# ---------------------------------------------------------------------------
-# An interrupted run
-# ---------------------------------------------------------------------------
+def test_help_lists_the_commands(monkeypatch, capsys):
+    text = help_text(monkeypatch, capsys)
+    assert text.startswith("usage: compare.py [-h] COMMAND ...")
+    listed = re.findall(r"^    (\w+) +\S", text, re.MULTILINE)
+    assert listed == list(FLAGS), text
+    assert "Without a command, compare.py trains" in " ".join(text.split())
 
 
-def test_interrupted_run_leaves_no_results_json_and_no_workers(tmp_path):
-    """SIGINT during a full-size run, data-parallel: non-zero exit, no results.json -- not even an
-    earlier one -- and none of the worker processes compare.py started outlives it."""
-    out = tmp_path / "out"
-    out.mkdir()
-    stale = out / "results.json"
-    stale.write_text('{"stale": true}\n')
-    stale_page = out / "report.html"
-    stale_page.write_text("<p>an earlier run</p>\n")
-    stale_checkpoints = out / "checkpoints"
-    stale_checkpoints.mkdir()
-    (stale_checkpoints / "torch-scratch.safetensors").write_bytes(b"an earlier run's")
-    stdout_path, stderr_path = tmp_path / "stdout", tmp_path / "stderr"
-    with open(stdout_path, "w") as stdout, open(stderr_path, "w") as stderr:
-        # Full size: the chapter's 10 epochs of batch 256, progress bars on, two PyTorch workers.
-        process = subprocess.Popen([sys.executable, "compare.py", "--device", "cpu", "--data-parallel", "2",
-                                    "--impls", "torch-scratch", "--out", str(out)],
-                                   cwd=REPO, env=ENVIRONMENT, stdout=stdout, stderr=stderr)
-        try:
-            deadline = time.monotonic() + RUN_TIMEOUT_S
-            # Worker 0's first progress bar appears as the first epoch's training starts.
-            while "torch-scratch epoch 1" not in stderr_path.read_text():
-                assert process.poll() is None, f"compare.py ended early:\n{stderr_path.read_text()}"
-                assert time.monotonic() < deadline, "training never started"
-                time.sleep(0.2)
-            time.sleep(1.0)  # well into training
-            assert process.poll() is None
-            assert not stale.exists(), "the earlier results.json must be removed when a new run starts"
-            assert not stale_page.exists(), "and the earlier report.html"
-            assert not stale_checkpoints.exists(), "and the earlier checkpoints"
-            workers = child_processes(process.pid)
-            assert len(workers) >= 2, workers  # the workers (and multiprocessing's resource tracker)
-            process.send_signal(signal.SIGINT)
-            returncode = process.wait(timeout=120)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-    assert returncode != 0
-    assert stderr_path.read_text().rstrip().endswith("interrupted: no results.json written")
-    assert "Traceback" not in stderr_path.read_text()
-    assert not stale.exists()
-    assert not list(out.glob("results.json*")) and not list(out.glob("report.html*"))
-    assert "examples/sec" not in stdout_path.read_text()  # no report for a run that did not finish
-    deadline = time.monotonic() + 30
-    while any(is_running(pid) for pid in workers) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not [pid for pid in workers if is_running(pid)], "worker processes outlived compare.py"
-
-
-def test_a_killed_worker_is_named_with_its_signal(tmp_path):
-    """SIGKILL (what the kernel's out-of-memory killer sends) to worker 1 of a data-parallel run as
-    it trains: non-zero exit, one line naming the worker and the signal, no warning from
-    multiprocessing's resource tracker of a semaphore the worker leaked, no results.json, and no
-    process of the run left."""
-    out = tmp_path / "out"
-    stderr_path = tmp_path / "stderr"
-    with open(stderr_path, "w") as stderr:
-        # One full epoch (235 batches of 256), progress bars on: it cannot end before the kill lands.
-        # A session of its own: the run's processes, whatever started them, are its process group.
-        process = subprocess.Popen([sys.executable, "compare.py", "--device", "cpu", "--data-parallel", "2",
-                                    "--impls", "torch-scratch", "--epochs", "1", "--out", str(out)],
-                                   cwd=REPO, env=ENVIRONMENT, stdout=subprocess.DEVNULL, stderr=stderr,
-                                   start_new_session=True)
-        try:
-            deadline = time.monotonic() + RUN_TIMEOUT_S
-            # Worker 0's bar past its first step: both workers are in the training loop (a step
-            # all-reduces with worker 1), past the point where each made its progress bar.
-            while not re.search(r"torch-scratch epoch 1: .*\| *[1-9]\d*/", stderr_path.read_text()):
-                assert process.poll() is None, f"compare.py ended early:\n{stderr_path.read_text()}"
-                assert time.monotonic() < deadline, "training never started"
-                time.sleep(0.05)
-            workers = spawned_workers(process.pid)
-            assert len(workers) == 2, workers
-            os.kill(workers[1], signal.SIGKILL)
-            returncode = process.wait(timeout=120)
-            # multiprocessing's resource tracker outlives compare.py a moment: it warns as it ends.
-            deadline = time.monotonic() + 30
-            while processes_in_group(process.pid) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            left = processes_in_group(process.pid)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    stderr = stderr_path.read_text()
-    assert returncode == 1
-    assert stderr.rstrip().splitlines()[-1] == (
-        "error: worker 1 of 2 was killed by SIGKILL (out of memory?); no results written"), stderr
-    for warning in ("Traceback", "resource_tracker", "leaked", "Warning"):
-        assert warning not in stderr, stderr
-    assert not left, f"processes of the run outlived compare.py: {left}"
-    assert not list(out.glob("results.json*")) and not list(out.glob("report.html*"))
-
-
-def spawned_workers(pid):
-    """The pids of the processes `pid` started through multiprocessing's spawn, in the order they
-    started (the launcher starts worker 0 first)."""
-    workers = []
-    for child in child_processes(pid):
-        try:
-            command = (Path("/proc") / str(child) / "cmdline").read_bytes()
-            start_time = int((Path("/proc") / str(child) / "stat").read_text().rsplit(") ", 1)[1].split()[19])
-        except (OSError, IndexError, ValueError):
-            continue
-        if b"multiprocessing.spawn" in command:
-            workers.append((start_time, child))
-    return [child for _, child in sorted(workers)]
-
-
-def processes_in_group(group):
-    """The pids of the live processes (not zombies) in the process group `group` (Linux: /proc)."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(") ", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[2] == str(group) and fields[0] != "Z":
-            members.append(int(stat.parent.name))
-    return members
-
-
-def child_processes(pid):
-    """The pids of the processes whose parent is `pid` (Linux: /proc)."""
-    children = []
-    for status in Path("/proc").glob("[0-9]*/status"):
-        try:
-            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
-        except OSError:
-            continue
-        if fields.get("PPid", "").strip() == str(pid):
-            children.append(int(status.parent.name))
-    return children
-
-
-def is_running(pid):
-    """Whether the process exists and is not a zombie."""
-    try:
-        return (Path("/proc") / str(pid) / "stat").read_text().split(") ")[1][0] != "Z"
-    except (OSError, IndexError):
-        return False
+@pytest.mark.parametrize("command", list(FLAGS))
+def test_each_commands_help_lists_its_own_flags(monkeypatch, capsys, command):
+    text = help_text(monkeypatch, capsys, command)
+    assert text.startswith(f"usage: compare.py {command} [-h]")
+    usage = text[:text.index("\n\n")]
+    shown = set(re.findall(r"--[a-z0-9-]+", usage))
+    assert shown == set(FLAGS[command]), (command, shown ^ set(FLAGS[command]))
+    assert ("PATH [PATH ...]" in usage) == (command == "evaluate")  # the checkpoints to evaluate
+    if "--impls" in shown:
+        assert all(name in text for name in IMPLS)
 
 
 # ---------------------------------------------------------------------------
@@ -1106,10 +985,10 @@ def test_compare_under_torchrun_runs_every_framework_across_processes(torchrun_r
         assert max(entry["max_abs_param_diff"]) <= FLOAT64_DIVERGENCE, entry
     # Worker 0 writes the checkpoints alone, Orbax's folders included (Orbax would meet every process).
     _, out, _ = torchrun_run
-    from common import checkpoint
+    from common.drivers import checkpoints
     for name, paths in results["checkpoints"].items():
         assert len(paths) == 2, (name, paths)
-        canonical, own = (checkpoint.read(out / path) for path in paths)
+        canonical, own = (checkpoints.read(out / path) for path in paths)
         assert all(own.weights[key].tobytes() == value.tobytes() for key, value in canonical.weights.items()), name
 
 
@@ -1138,7 +1017,7 @@ def test_a_rendezvous_that_cannot_be_reached_is_one_line(tmp_path):
 
 # ---------------------------------------------------------------------------
 # report.html, as a reader sees it in a real browser (Debian's chromium, through selenium): the
-# main run's page, the --side-by-side page and the --evaluate page, each loaded once
+# main run's page, the page command's and evaluate's, each loaded once
 # ---------------------------------------------------------------------------
 
 
@@ -1150,8 +1029,8 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def side_by_side_run(shared_runs):
-    process, out = shared_runs.result("side_by_side_run")
+def page_run(shared_runs):
+    process, out = shared_runs.result("page_run")
     return completed(process), out
 
 
@@ -1162,8 +1041,8 @@ def main_page(browser, main_run):
 
 
 @pytest.fixture(scope="module")
-def side_by_side_page(browser, side_by_side_run):
-    _, out = side_by_side_run
+def source_page(browser, page_run):
+    _, out = page_run
     return open_page(browser, out / "report.html")
 
 
@@ -1173,12 +1052,12 @@ def evaluate_page(browser, evaluate_run):
     return open_page(browser, out / "report.html")
 
 
-@pytest.fixture(params=["main run", "--side-by-side", "--evaluate"])
+@pytest.fixture(params=["train", "page", "evaluate"])
 def any_page(request, browser):
     """Any of the pages. `browser` is named here, though the page's own fixture asks for it, so that
     pytest sees these tests need it too and tests/conftest.py marks them `browser`."""
-    return request.getfixturevalue({"main run": "main_page", "--side-by-side": "side_by_side_page",
-                                    "--evaluate": "evaluate_page"}[request.param])
+    return request.getfixturevalue({"train": "main_page", "page": "source_page",
+                                    "evaluate": "evaluate_page"}[request.param])
 
 
 def readme_topics(heading):
@@ -1204,7 +1083,7 @@ def definitions(path):
     return found
 
 
-PAGE_FIXTURES = {"browser", "main_page", "side_by_side_page", "evaluate_page", "any_page"}
+PAGE_FIXTURES = {"browser", "main_page", "source_page", "evaluate_page", "any_page"}
 
 
 def test_without_selenium_the_module_collects_and_the_browser_marker_names_the_page_tests():
@@ -1212,7 +1091,8 @@ def test_without_selenium_the_module_collects_and_the_browser_marker_names_the_p
     module must import there (tests/browser.py imports selenium only to start chromium), and the
     marker must take exactly the tests that open a page, read here from their arguments."""
     code = ("import sys; sys.modules['selenium'] = None; import pytest; "  # as if selenium were not installed
-            "sys.exit(pytest.main(['--collect-only', '-q', '-m', 'browser', 'tests/test_compare.py']))")
+            "sys.exit(pytest.main(['-o', 'addopts=', '--collect-only', '-q', '-m', 'browser', "
+            "'tests/test_compare.py']))")
     process = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=ENVIRONMENT, capture_output=True, text=True,
                              timeout=120)
     assert process.returncode == 0, process.stdout + process.stderr
@@ -1223,11 +1103,12 @@ def test_without_selenium_the_module_collects_and_the_browser_marker_names_the_p
     assert marked == opening_a_page and len(marked) == 8, (marked, opening_a_page)
 
 
-def test_side_by_side_writes_the_source_view_alone(side_by_side_run, side_by_side_page):
-    process, out = side_by_side_run
+def test_page_writes_the_source_view_alone(page_run, source_page):
+    """compare.py page: report.html alone, without results; no data read (the command has no flag for it)."""
+    process, out = page_run
     assert process.stdout == f"wrote {out / 'report.html'}\n"
     assert [path.name for path in out.iterdir()] == ["report.html"]  # nothing trained, nothing else written
-    seen, _, _ = side_by_side_page
+    seen, _, _ = source_page
     assert not seen["hasResults"] and seen["plots"] == [] and seen["views"]
 
 
@@ -1254,10 +1135,10 @@ def test_every_definition_appears_once_in_order_beside_its_twin(any_page):
                for left in names for right in names if names[left] != names[right]}
     pairs = [view for view in seen["views"] if not view["single"]]
     assert [view["heads"] for view in pairs] == [
-        [f"{titles[left]}: impls/{left}/{filename}", f"{titles[right]}: impls/{right}/{filename}"]
+        [f"{registry.FRAMEWORKS[left].title}: impls/{left}/{filename}",
+         f"{registry.FRAMEWORKS[right].title}: impls/{right}/{filename}"]
         for filename in page.FILE_ORDER
-        for left, right in (("pytorch", "flax"), ("flax", "linen"))
-        for titles in [{"pytorch": "PyTorch", "flax": "Flax NNX", "linen": "Flax Linen"}]]
+        for left, right in itertools.pairwise(registry.FRAMEWORKS)]
     for view in seen["views"]:
         paths = [REPO / head.split(": ")[1] for head in view["heads"]]
         for side, path in enumerate(paths):

@@ -1,5 +1,5 @@
 """Data parallel: batch norm over several workers, each training on its shard of every global batch,
-with statistics over the whole batch (global) or over each worker's shard (local), in both frameworks.
+with statistics over the whole batch (global) or over each worker's shard (local), in PyTorch and JAX.
 
 Global statistics make data-parallel training the same computation as training on one device on
 the whole batch: held to that in float64, layer by layer and over 100 SGD steps, with shards of
@@ -24,9 +24,11 @@ from jax.sharding import PartitionSpec as P
 from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
 from common.data import shard_bounds
-from common.harness import IMPLEMENTATIONS, data_parallel_module
 from common.init import MOVING_STAT_NAMES, PARAMETER_NAMES, canonical_weights
-from common.parallel import DataParallelError, failure_message, launch_local_workers
+from common.drivers.workers import failure_message, launch_local_workers
+from common.launch import DataParallelError
+from impls import registry
+from impls.registry import IMPLEMENTATIONS
 from impls.flax import batch_norm as flax_bn
 from impls.flax import data_parallel as flax_parallel
 from impls.flax.data_parallel import AXIS
@@ -196,7 +198,7 @@ def mesh_logits(name, images, count, bn_stats):
     """Training-mode logits of every worker's shard under shard_map, its model built for bn_stats."""
     workers = mesh_workers(count)
     framework, norm = IMPLEMENTATIONS[name]
-    model = data_parallel_module(framework).build_lenet(canonical_weights(0, np.float64), norm, workers, bn_stats)
+    model = registry.data_parallel(framework).build_lenet(canonical_weights(0, np.float64), norm, workers, bn_stats)
     if framework == "flax":
         model.train()
         graphdef, state = nnx.split(model)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from common.data import train_batch_indices
-from common.harness import framework_of, start_run
+from common.drivers.harness import start_run
+from impls.registry import training_of
 from common.init import WEIGHT_NAMES, canonical_weights
 from tests.support import NAMES, max_difference, trajectory
 from tests.tolerances import FLOAT64_TRAJECTORY, assert_close
@@ -25,7 +26,7 @@ def compiled_epoch(name, weights, images, labels, use_scan=None):
     """One epoch through the FastTrainer: per-step losses and the final weights."""
     # Each framework's best device, as compare.py picks it: on a GPU machine the compiled epoch
     # (PyTorch's captured CUDA graph, JAX's scan) is held to the eager epoch on the CPU.
-    module = framework_of(name)
+    module = training_of(name)
     device = module.select_device("auto", weights["conv1.weight"].dtype)
     run = start_run(name, weights, 1.0, device, "compiled", images, labels)
     if use_scan is not None:

@@ -260,7 +260,7 @@ def test_statistics_in_bfloat16_lose_what_float32_keeps(first_batch):
     """The chapter's code computes the statistics in its input's type: bfloat16 under autocast.
     The scratch layers compute them in their moving statistics' type (float32); handed bfloat16
     moving statistics, they compute them in bfloat16 as the chapter's code would. Measured on the
-    input of LeNet's first batch-norm layer (147,456 values per channel), the same in both frameworks:
+    input of LeNet's first batch-norm layer (147,456 values per channel), the same in PyTorch and JAX:
     in float32, mean and variance within 5e-7 of float64 (PyTorch; 7e-8 in JAX, whose reductions are
     YNNPACK's); in bfloat16, 3.2e-3 and 3.6e-3, for both sum in float32 inside and round the result:
     8 significant bits. The normalised output, itself rounded to bfloat16 (1.6e-2 on values near 4),

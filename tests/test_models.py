@@ -1,4 +1,4 @@
-"""The four implementations as models: canonical weights, the round trip, one pass on real data,
+"""The six implementations as models: canonical weights, the round trip, one pass on real data,
 inference after training, errors, and the state that moves with a model."""
 
 import itertools

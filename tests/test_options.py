@@ -31,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from common.init import canonical_weights
-from common.parallel import launch_local_workers
+from common.drivers.workers import launch_local_workers
 from impls.flax import batch_norm as flax_bn
 from impls.flax.data_parallel import AXIS
 from impls.flax.lenet import promote_input_only

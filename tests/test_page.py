@@ -8,6 +8,7 @@ pages that compare.py writes.)
 """
 
 import ast
+import itertools
 import re
 import shutil
 import tomllib
@@ -16,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from common.report import page
-from common.harness import IMPLEMENTATIONS
+from impls import registry
+from impls.registry import IMPLEMENTATIONS
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,10 +42,15 @@ def copy_of_the_repository(tmp_path):
     return tmp_path
 
 
-def test_every_framework_is_registered_and_read_against_another():
-    frameworks = list(dict.fromkeys(framework for framework, _ in IMPLEMENTATIONS.values()))
-    assert list(page.FRAMEWORKS) == frameworks
-    assert [registration.read_against for registration in page.FRAMEWORKS.values()] == [None, *frameworks[:-1]]
+def test_every_registered_framework_is_shown_read_against_another():
+    """The page's frameworks are the registry's, each implementation's among them, each read against
+    the one before it (PyTorch beside NNX, NNX beside Linen)."""
+    frameworks = list(registry.FRAMEWORKS)
+    assert frameworks == list(dict.fromkeys(framework for framework, _ in IMPLEMENTATIONS.values()))
+    shown = page.framework_order()
+    assert list(shown) == frameworks
+    assert [framework.title for framework in shown.values()] == [registry.FRAMEWORKS[name].title for name in frameworks]
+    assert [framework.read_against for framework in shown.values()] == [None, *frameworks[:-1]]
 
 
 def test_the_mirrored_files_stay_mirrored(views):
@@ -53,7 +60,7 @@ def test_the_mirrored_files_stay_mirrored(views):
     assert out_of_step(pairs) == []
     shown = {(view.filename, view.left.framework, view.right.framework) for view in pairs}
     assert shown == {(name, left, right) for name in page.FILE_ORDER
-                     for left, right in (("pytorch", "flax"), ("flax", "linen"))}
+                     for left, right in itertools.pairwise(registry.FRAMEWORKS)}
 
 
 def test_every_declared_exception_is_still_true(views):

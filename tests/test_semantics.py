@@ -1,7 +1,7 @@
 """Every semantic difference between the frameworks, pinned (see the table in README.md).
 
 Each test states what one framework does, so that it fails the day either side changes --
-and with it the settings that make the four implementations agree.
+and with it the settings that make the six implementations agree.
 """
 
 import re

@@ -26,7 +26,7 @@ from pygments.formatters import HtmlFormatter
 from pygments.lexers import PythonLexer
 
 from common.files import write_text
-from common.harness import IMPLEMENTATIONS
+from impls import registry
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: README.md and impls/
 PAGE = "report.html"
@@ -40,13 +40,10 @@ class Framework:
     read_against: str | None = None  # the framework it is shown beside (README: PyTorch | NNX, NNX | Linen)
 
 
-# Every framework of common.harness.IMPLEMENTATIONS, by its folder under impls/. One that is not
-# registered here is shown under its folder's name, beside the framework listed before it.
-FRAMEWORKS = {
-    "pytorch": Framework("PyTorch"),
-    "flax": Framework("Flax NNX", read_against="pytorch"),
-    "linen": Framework("Flax Linen", read_against="flax"),
-}
+# Which framework each is read against, by its folder under impls/ (impls.registry.FRAMEWORKS):
+# PyTorch beside NNX, NNX beside Linen. A framework not named here is shown beside the one
+# registered before it.
+READ_AGAINST = {"flax": "pytorch", "linen": "flax"}
 # The order in which to read the mirrored files; any other file comes after these, by name.
 FILE_ORDER = ("batch_norm.py", "lenet.py", "train.py", "data_parallel.py", "checkpoint.py")
 
@@ -314,12 +311,12 @@ def read_class(lines, node, name, start, end):
 
 
 def framework_order():
-    """The frameworks in common.harness.IMPLEMENTATIONS' order, each with its registration."""
-    names = list(dict.fromkeys(framework for framework, _ in IMPLEMENTATIONS.values()))
-    order = {}
-    for index, name in enumerate(names):
-        order[name] = FRAMEWORKS.get(name, Framework(name, names[index - 1] if index else None))
-    return order
+    """The registered frameworks (impls.registry.FRAMEWORKS), in order, each with its title and the
+    framework it is read against."""
+    names = list(registry.FRAMEWORKS)
+    return {name: Framework(registry.FRAMEWORKS[name].title,
+                            READ_AGAINST.get(name, names[index - 1] if index else None))
+            for index, name in enumerate(names)}
 
 
 def read_sources(root=ROOT):
@@ -843,10 +840,3 @@ def write(out, results=None, bench=None):
     leaves either the whole page or none. Returns its path."""
     os.makedirs(out, exist_ok=True)
     return write_text(os.path.join(out, PAGE), render(results, bench, out))
-
-
-def remove_stale(out):
-    """An earlier run's page must not pass for this run's."""
-    path = os.path.join(out, PAGE)
-    if os.path.exists(path):
-        os.remove(path)

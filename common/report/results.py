@@ -9,7 +9,7 @@ import platform
 from importlib.metadata import PackageNotFoundError, version
 
 from common.files import write_json
-from common.harness import framework_module
+from impls import registry
 from common.report import page, plots
 
 RESULTS = "results.json"
@@ -23,17 +23,8 @@ def environment(devices):
             return None
     packages = {name: package_version(name) for name in ("numpy", "torch", "jax", "jaxlib", "flax", "optax")}
     return {"python": platform.python_version(), **packages,
-            "devices": {framework: framework_module(framework).device_description(device)
+            "devices": {framework: registry.training(framework).device_description(device)
                         for framework, device in devices.items()}}
-
-
-def remove_stale(out):
-    """An earlier run's results.json, plots and page in `out` must not pass for this run's if it is
-    interrupted (its checkpoints: common.checkpoint.remove_stale)."""
-    for name in (RESULTS, page.PAGE, *(stem + suffix for stem in plots.STEMS for suffix in plots.SUFFIXES)):
-        path = os.path.join(out, name)
-        if os.path.exists(path):
-            os.remove(path)
 
 
 def write_all(results, out):

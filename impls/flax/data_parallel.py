@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from common.data import shard_bounds
-from common.parallel import DataParallelError, launch_environment
+from common.launch import DataParallelError, launch_environment
 from impls.flax import lenet
 
 ENGINE = "jax.sharding"

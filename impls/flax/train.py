@@ -1,8 +1,7 @@
 """Training step and evaluation, Flax NNX edition (a jitted step). Mirror: impls/pytorch/train.py.
 
-The same small interface in both frameworks lets compare.py and the tests drive either
-without knowing which: select_device, allow_tf32, to_device, build_lenet, make_optimizer,
-train_step, bound_train_step, predict, loss_and_gradients, synchronize, to_numpy, export_weights.
+The members that the driving code and the tests use, the same in every framework (impls/interface.py,
+TrainingPart), let one loop drive each without knowing which.
 """
 
 import time
@@ -40,7 +39,7 @@ def allow_tf32(enabled):
     TensorFloat-32 (10-bit mantissa). No effect on the CPU.
 
     JAX's default on GPUs is TF32 for both; PyTorch's is TF32 for convolutions only (see the
-    PyTorch twin). compare.py decides for both frameworks alike: IEEE float32 unless --tf32."""
+    PyTorch twin). compare.py decides for PyTorch and JAX alike: IEEE float32 unless --tf32."""
     # The default precision of every convolution and dot product traced from now on.
     jax.config.update("jax_default_matmul_precision", "tensorfloat32" if enabled else "float32")
 
@@ -162,11 +161,11 @@ class FastTrainer:
     """An epoch as one jitted scan over the full batches, and one more call for a partial last
     batch (another shape, so another compilation, made once).
 
-    On the CPU, XLA runs the body of the loop that lax.scan compiles many times slower than the
-    same step compiled on its own (measured on this project's 2-core machine, float32, batch 256:
-    about 5x at first, 18x once cpu_conv.py made the step itself faster; unrolling the scan
-    restores the speed). There the fast path calls a compiled step per batch instead, still on
-    device-resident data, with the state donated and NNX kept out of the loop.
+    On the CPU, XLA runs the body of the loop that lax.scan compiles many times slower than the same
+    step compiled on its own (measured on this project's 2-core machine, float32, batch 256, with
+    cpu_conv.py's convolutions: 18x slower; unrolling the scan restores the speed). There the fast
+    path calls a compiled step per batch instead, still on device-resident data, with the state
+    donated and NNX kept out of the loop.
     """
 
     # The compiled epoch and step; Linen's trainer (impls/linen/train.py) brings its own.

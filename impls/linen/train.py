@@ -1,10 +1,10 @@
 """Training step and evaluation, Flax Linen edition (a jitted step on a train state). Mirror:
 impls/flax/train.py (NNX).
 
-The same small interface in every framework lets compare.py and the tests drive each without
-knowing which: select_device, allow_tf32, to_device, build_lenet, make_optimizer, train_step,
-bound_train_step, predict, loss_and_gradients, synchronize, to_numpy, export_weights. Linen
-runs on JAX as NNX does: devices, precision and transfers are the NNX edition's functions.
+The members that the driving code and the tests use, the same in every framework (impls/interface.py,
+TrainingPart), let one loop drive each without knowing which.
+
+Linen runs on JAX as NNX does: devices, precision and transfers are the NNX edition's functions.
 """
 
 from dataclasses import dataclass

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from common.data import shard_bounds
-from common.parallel import DataParallelError, launch_environment
+from common.launch import DataParallelError, launch_environment
 from impls.pytorch import lenet
 from impls.pytorch.train import loss_and_counts, synchronize, to_device, train_step
 

@@ -1,8 +1,7 @@
 """Training step and evaluation, PyTorch edition (eager, as the chapter). Mirror: impls/flax/train.py.
 
-The same small interface in both frameworks lets compare.py and the tests drive either
-without knowing which: select_device, allow_tf32, to_device, build_lenet, make_optimizer,
-train_step, bound_train_step, predict, loss_and_gradients, synchronize, to_numpy, export_weights.
+The members that the driving code and the tests use, the same in every framework (impls/interface.py,
+TrainingPart), let one loop drive each without knowing which.
 """
 
 import time

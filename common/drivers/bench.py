@@ -1,4 +1,4 @@
-"""compare.py --bench: steady-state training throughput of every implementation x mode, against
+"""compare.py bench: steady-state training throughput of every implementation x mode, against
 the chapter's own way of training, measured in one run on one machine.
 
 The baseline is this project's rendition of d2l's train_ch6: torchvision's FashionMNIST with
@@ -6,7 +6,7 @@ ToTensor, through a DataLoader with 4 worker processes, eager PyTorch, and the c
 which runs only around each step (moving the batch to the device, forward, backward, update and
 reading the loss back), not while the DataLoader produces the next batch.
 
-Every figure is the median of --repeats timings of --bench-batches full batches, after a
+Every figure is the median of --repeats timings of --batches full batches, after a
 warm-up (compilation) that is timed and reported apart. The repeats go in rounds, each timing
 every row once, so that the machine's drift falls on all of them alike.
 
@@ -21,7 +21,9 @@ PyTorch's N worker processes, started once for its rows, timed in rounds of thei
 import contextlib
 import gzip
 import itertools
+import os
 import statistics
+import sys
 import time
 import warnings
 
@@ -29,13 +31,46 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from common import data
+from common.drivers import outputs
+from common.drivers.harness import data_or_exit, devices_or_exit, host_batch_step, select_devices, start_run
+from common.drivers.settings import PRECISIONS, not_run_reason
+from common.drivers.workers import launch_local_workers, start_workers, stop_workers
 from common.files import atomic_path
-from common.harness import (IMPLEMENTATIONS, PRECISIONS, data_parallel_module, framework_of, host_batch_step,
-                            select_devices, start_run)
-from common.parallel import launch_local_workers
+from common.init import canonical_weights
+from common.launch import DataParallelError
+from common.report import bench as bench_report
+from common.report import page
+from impls import registry
+from impls.registry import IMPLEMENTATIONS
 
 WARMUP_BATCHES = 3
 BASELINE_WORKERS = 4  # as d2l.load_data_fashion_mnist
+
+
+def run(settings):
+    """Measure every implementation of settings.impls in both modes against the chapter's loop;
+    print the table, write bench.json and report.html. Returns the exit status."""
+    started = {}
+    if settings.data_parallel > 1:
+        # torch.distributed's C++ side logs each failed connection at length; the error says it in a line.
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
+        try:
+            started = start_workers(settings, None)
+        except DataParallelError as error:
+            sys.exit(f"error: {error}")
+    devices = devices_or_exit(settings.impls, settings, np.float32)
+    dataset = data_or_exit(settings)
+    reasons = {name: not_run_reason(name, settings, devices) for name in settings.impls}
+    outputs.clear(settings.out, "bench")
+    try:
+        results = benchmark(settings, canonical_weights(settings.seed, np.float32), dataset, devices, started,
+                            {name: reason for name, reason in reasons.items() if reason})
+    except DataParallelError as error:
+        sys.exit(f"error: {error}")
+    stop_workers(started)
+    bench_report.print_table(results)
+    print(f"\nwrote {bench_report.write(results, settings.out)}, {page.write(settings.out, bench=results)}")
+    return 0
 
 
 def torchvision_root(data_dir=None):
@@ -74,7 +109,7 @@ def chapter_baseline(norm, weights, lr, batch_size, steps, data_dir, device):
     import torchvision
     from torchvision import transforms
 
-    module = framework_of("torch-scratch")
+    module = registry.training("pytorch")
     dataset = torchvision.datasets.FashionMNIST(torchvision_root(data_dir), train=True,
                                                 transform=transforms.ToTensor(), download=False)
     model = module.build_lenet(weights, norm, device)
@@ -151,16 +186,16 @@ def implementation_timer(name, mode, weights, train_images, train_labels, lr, ba
 
 
 def pytorch_data_parallel_worker(names, settings, weights):
-    """One of the PyTorch workers that --bench --data-parallel N starts: times the named
+    """One of the PyTorch workers that bench --data-parallel N starts: times the named
     implementations' eager step over the workers, in rounds. Worker 0 returns {name: (warm-up
     seconds, examples/sec of each repeat)}; the others None."""
-    parallel = data_parallel_module("pytorch")
-    framework_of(names[0]).allow_tf32(settings.tf32)
+    parallel = registry.data_parallel("pytorch")
+    registry.training("pytorch").allow_tf32(settings.tf32)
     workers = parallel.start_workers(settings.device, settings.data_parallel, settings.worker_timeout)
     try:
         train_images, train_labels, _, _ = data.load_fashion_mnist(settings.data_dir)
         timers = {name: implementation_timer(name, "eager", weights, train_images, train_labels, settings.lr,
-                                             settings.batch_size, settings.bench_batches, workers.device, workers,
+                                             settings.batch_size, settings.batches, workers.device, workers,
                                              settings.bn_stats) for name in names}
         repeats = {name: [] for name in names}
         for repeat in range(1, settings.repeats + 1):
@@ -171,7 +206,7 @@ def pytorch_data_parallel_worker(names, settings, weights):
     return {name: (timers[name][0], repeats[name]) for name in names} if workers.process_index == 0 else None
 
 
-def benchmark(args, weights, dataset, devices, workers=None, not_run=None, modes=("eager", "compiled")):
+def benchmark(settings, weights, dataset, devices, workers=None, not_run=None, modes=("eager", "compiled")):
     """Measure everything; returns the bench.json content. workers: {framework: its workers} for the
     data-parallel rows that run in this process (JAX's); not_run: {name: why} for the
     implementations that cannot train data-parallel here.
@@ -182,62 +217,64 @@ def benchmark(args, weights, dataset, devices, workers=None, not_run=None, modes
     it, and the ratios stay fair."""
     train_images, train_labels = dataset[0], dataset[1]
     workers, not_run = workers or {}, not_run or {}
-    norms = sorted({IMPLEMENTATIONS[name][1] for name in args.impls}, key=["scratch", "builtin"].index)
-    parallel = [name for name in args.impls if args.data_parallel > 1 and name not in not_run]
+    norms = sorted({IMPLEMENTATIONS[name][1] for name in settings.impls}, key=["scratch", "builtin"].index)
+    parallel = [name for name in settings.impls if settings.data_parallel > 1 and name not in not_run]
     in_process = [name for name in parallel if IMPLEMENTATIONS[name][0] in workers]
     # float32 always; mixed precision beside it when asked (float64 is not benchmarked).
-    precisions = ("float32", "bf16-mixed") if args.dtype == "bf16-mixed" else ("float32",)
-    timings = (len(norms) + len(args.impls) * len(modes) * len(precisions) + len(in_process)) * (1 + args.repeats)
-    progress = tqdm(total=timings, desc="benchmark", unit="timing", disable=args.no_progress)
-    torch_module = framework_of("torch-scratch")
-    # The chapter's loop runs in PyTorch, whatever is compared: its device, chosen as compare.py
-    # chose the others' (the same one again where PyTorch is compared too).
-    torch_device = select_devices(["torch-scratch"], args.device, np.float32, args.tf32)["pytorch"]
-    rows, timers = [], []
-    for norm in norms:
-        timers.append(chapter_baseline(norm, weights, args.lr, args.batch_size, args.bench_batches, args.data_dir,
-                                       torch_device))
-        rows.append({"implementation": f"chapter loop ({norm})", "mode": "d2l train_ch6", "norm": norm,
-                     "dtype": "float32", "device": torch_module.device_description(torch_device),
-                     "compile_seconds": None})
-        progress.update()
-    for name, mode, precision in itertools.product(args.impls, modes, precisions):
-        framework, norm = IMPLEMENTATIONS[name]
-        warmup, timer = implementation_timer(name, mode, weights, train_images, train_labels, args.lr,
-                                             args.batch_size, args.bench_batches, devices[framework],
-                                             precision=precision)
-        timers.append(timer)
-        rows.append({"implementation": name, "mode": mode, "norm": norm, "dtype": precision,
-                     "device": framework_of(name).device_description(devices[framework]),
-                     "compile_seconds": warmup})
-        progress.update()
-    for name in in_process:
-        framework, norm = IMPLEMENTATIONS[name]
-        its_workers = workers[framework]
-        warmup, timer = implementation_timer(name, "eager", weights, train_images, train_labels, args.lr,
-                                             args.batch_size, args.bench_batches, its_workers.device, its_workers,
-                                             args.bn_stats)
-        timers.append(timer)
-        device = f"{args.data_parallel} x {framework_of(name).device_description(its_workers.device)}"
-        rows.append(data_parallel_row(name, args, device, warmup))
-        progress.update()
-    for row in rows:
-        row["repeats"] = []
-    for repeat in range(1, args.repeats + 1):
-        # Each round in another order (seeded, so that a rerun repeats it): no row always runs
-        # right after the same neighbour, whose threads or worker processes may still wind down.
-        for index in np.random.default_rng(repeat).permutation(len(rows)):
-            rows[index]["repeats"].append(timers[index](repeat))
+    precisions = ("float32", "bf16-mixed") if settings.dtype == "bf16-mixed" else ("float32",)
+    rows_to_time = len(norms) + len(settings.impls) * len(modes) * len(precisions) + len(in_process)
+    timings = rows_to_time * (1 + settings.repeats)
+    with tqdm(total=timings, desc="benchmark", unit="timing", disable=not settings.progress) as progress:
+        torch_module = registry.training("pytorch")
+        # The chapter's loop runs in PyTorch, whatever is compared: its device, chosen as compare.py
+        # chose the others' (the same one again where PyTorch is compared too).
+        torch_device = select_devices(["torch-scratch"], settings.device, np.float32, settings.tf32)["pytorch"]
+        rows, timers = [], []
+        for norm in norms:
+            timers.append(chapter_baseline(norm, weights, settings.lr, settings.batch_size, settings.batches,
+                                           settings.data_dir, torch_device))
+            rows.append({"implementation": f"chapter loop ({norm})", "mode": "d2l train_ch6", "norm": norm,
+                         "dtype": "float32", "device": torch_module.device_description(torch_device),
+                         "compile_seconds": None})
             progress.update()
-    progress.close()
+        for name, mode, precision in itertools.product(settings.impls, modes, precisions):
+            framework, norm = IMPLEMENTATIONS[name]
+            warmup, timer = implementation_timer(name, mode, weights, train_images, train_labels, settings.lr,
+                                                 settings.batch_size, settings.batches, devices[framework],
+                                                 precision=precision)
+            timers.append(timer)
+            rows.append({"implementation": name, "mode": mode, "norm": norm, "dtype": precision,
+                         "device": registry.training(framework).device_description(devices[framework]),
+                         "compile_seconds": warmup})
+            progress.update()
+        for name in in_process:
+            framework, norm = IMPLEMENTATIONS[name]
+            its_workers = workers[framework]
+            warmup, timer = implementation_timer(name, "eager", weights, train_images, train_labels, settings.lr,
+                                                 settings.batch_size, settings.batches, its_workers.device, its_workers,
+                                                 settings.bn_stats)
+            timers.append(timer)
+            device = f"{settings.data_parallel} x {registry.training(framework).device_description(its_workers.device)}"
+            rows.append(data_parallel_row(name, settings, device, warmup))
+            progress.update()
+        for row in rows:
+            row["repeats"] = []
+        for repeat in range(1, settings.repeats + 1):
+            # Each round in another order (seeded, so that a rerun repeats it): no row always runs
+            # right after the same neighbour, whose threads or worker processes may still wind down.
+            for index in np.random.default_rng(repeat).permutation(len(rows)):
+                rows[index]["repeats"].append(timers[index](repeat))
+                progress.update()
     # PyTorch's workers are processes of their own: started once, after the rounds above.
     in_workers = [name for name in parallel if name not in in_process]
     if in_workers:
-        measured = launch_local_workers(pytorch_data_parallel_worker, (in_workers, args, weights), args.data_parallel)
+        measured = launch_local_workers(pytorch_data_parallel_worker, (in_workers, settings, weights),
+                                        settings.data_parallel)
+        description = registry.training("pytorch").device_description(devices["pytorch"])
         for name in in_workers:
             warmup, repeats = measured[name]
-            device = f"{args.data_parallel} x {framework_of(name).device_description(devices['pytorch'])}"
-            rows.append(data_parallel_row(name, args, device, warmup, repeats))
+            device = f"{settings.data_parallel} x {description}"
+            rows.append(data_parallel_row(name, settings, device, warmup, repeats))
     for row in rows:
         row["examples_per_sec"] = statistics.median(row["repeats"])
     baseline = {row["norm"]: row["examples_per_sec"] for row in rows if row["mode"] == "d2l train_ch6"}
@@ -251,16 +288,18 @@ def benchmark(args, weights, dataset, devices, workers=None, not_run=None, modes
             row["ratio_to_one_worker"] = row["examples_per_sec"] / one_worker[row["implementation"]]
         if row["dtype"] != "float32":
             row["ratio_to_float32"] = row["examples_per_sec"] / float32[row["implementation"], row["mode"]]
-    return {"config": {"batch_size": args.batch_size, "lr": args.lr, "dtype": "/".join(precisions), "tf32": args.tf32,
-                       "bench_batches": args.bench_batches, "repeats": args.repeats, "impls": args.impls,
-                       "baseline_workers": BASELINE_WORKERS, "data_parallel": args.data_parallel,
-                       "bn_stats": args.bn_stats if args.data_parallel > 1 else None, "not_run": not_run,
+    return {"config": {"batch_size": settings.batch_size, "lr": settings.lr, "dtype": "/".join(precisions),
+                       "tf32": settings.tf32, "bench_batches": settings.batches, "repeats": settings.repeats,
+                       "impls": settings.impls,
+                       "baseline_workers": BASELINE_WORKERS, "data_parallel": settings.data_parallel,
+                       "bn_stats": settings.bn_stats if settings.data_parallel > 1 else None, "not_run": not_run,
                        "order": "rounds, each timing every row once, in a seeded random order; PyTorch's "
                                 "data-parallel rows in rounds of their own, after"},
             "rows": rows}
 
 
-def data_parallel_row(name, args, device, warmup, repeats=None):
-    return {"implementation": name, "mode": f"eager, {args.data_parallel} workers", "norm": IMPLEMENTATIONS[name][1],
-            "dtype": "float32", "workers": args.data_parallel, "device": device, "compile_seconds": warmup,
+def data_parallel_row(name, settings, device, warmup, repeats=None):
+    return {"implementation": name, "mode": f"eager, {settings.data_parallel} workers",
+            "norm": IMPLEMENTATIONS[name].norm,
+            "dtype": "float32", "workers": settings.data_parallel, "device": device, "compile_seconds": warmup,
             **({"repeats": repeats} if repeats is not None else {})}

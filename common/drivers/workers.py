@@ -1,9 +1,9 @@
-"""Where the workers of a data-parallel run come from.
+"""Where the workers of a data-parallel run come from, and how they start and stop.
 
 On one machine, `compare.py --data-parallel N` starts N local PyTorch workers itself, with the
 launcher torchrun is made of (torch.distributed's elastic_launch: an env:// rendezvous), and runs
 JAX on a mesh of N local devices in its own process. Under torchrun, on one machine or several,
-every process compare.py runs in is one worker of both frameworks: torch.distributed joins the
+every process compare.py runs in is one worker of every framework: torch.distributed joins the
 PyTorch workers, and jax.distributed joins the JAX processes into one mesh.
 """
 
@@ -13,55 +13,15 @@ import os
 import signal
 import tempfile
 import threading
-from dataclasses import dataclass
 
-# Only where torchrun sets no JAX_COORDINATOR_ADDRESS: JAX's coordinator listens beside torch's store.
-JAX_COORDINATOR_PORT_OFFSET = 1
+from common.drivers import harness
+from common.drivers.stopping import Stopped, handlers_restored
+from common.launch import DataParallelError
+from impls import registry
+from impls.registry import IMPLEMENTATIONS
+
 # What a worker killed by a signal most likely met; the signal's name alone for the others.
 SIGNAL_HINTS = {signal.SIGKILL: "out of memory?"}
-
-
-class DataParallelError(RuntimeError):
-    """A data-parallel run that cannot start as asked; the message says why and what to do."""
-
-
-@dataclass(frozen=True)
-class LaunchEnvironment:
-    """What torchrun tells each worker it starts (env:// rendezvous)."""
-    rank: int
-    world_size: int
-    local_rank: int
-    local_world_size: int
-    master_addr: str
-    master_port: int
-
-    @property
-    def jax_coordinator(self):
-        """host:port of jax.distributed's coordinator, which worker 0 runs."""
-        return os.environ.get("JAX_COORDINATOR_ADDRESS") or (
-            f"{self.master_addr}:{self.master_port + JAX_COORDINATOR_PORT_OFFSET}")
-
-
-def launch_environment():
-    """The launcher's variables for this process, or None where no launcher started it."""
-    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
-        return None
-    values = {}
-    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        if name not in os.environ:
-            raise DataParallelError(f"{name} is not set, but RANK or WORLD_SIZE is: start the workers with torchrun, "
-                                    "or set all of RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT")
-        values[name] = os.environ[name]
-    try:
-        rank, world_size, master_port = int(values["RANK"]), int(values["WORLD_SIZE"]), int(values["MASTER_PORT"])
-        local_rank = int(os.environ.get("LOCAL_RANK", rank))
-        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    except ValueError:
-        raise DataParallelError("RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE and MASTER_PORT must be integers, "
-                                f"got {values}") from None
-    if not 0 <= rank < world_size:
-        raise DataParallelError(f"RANK {rank} is not in [0, WORLD_SIZE={world_size})")
-    return LaunchEnvironment(rank, world_size, local_rank, local_world_size, values["MASTER_ADDR"], master_port)
 
 
 def launch_local_workers(function, args, count):
@@ -73,8 +33,9 @@ def launch_local_workers(function, args, count):
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    # The launcher keeps the workers' error files in a folder: ours, removed afterwards.
-    with tempfile.TemporaryDirectory(prefix="compare-workers-") as log_dir, quiet_launcher():
+    # The launcher keeps the workers' error files in a folder: ours, removed afterwards. It sets
+    # its own handlers for SIGINT and SIGTERM, and leaves them set: ours come back after it.
+    with tempfile.TemporaryDirectory(prefix="compare-workers-") as log_dir, quiet_launcher(), handlers_restored():
         config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=count, run_id=f"compare-{os.getpid()}",
                               rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0,
                               monitor_interval=0.1, start_method="spawn", logs_specs=DefaultLogsSpecs(log_dir))
@@ -84,11 +45,9 @@ def launch_local_workers(function, args, count):
             rank, failure = error.get_first_failure()
             raise DataParallelError(f"worker {rank} of {count} {failure_message(failure)}") from None
         except SignalException as error:
-            # The launcher turns a signal into this exception once it has stopped the workers:
-            # Ctrl-C is then what it is everywhere else.
-            if error.sigval == signal.SIGINT:
-                raise KeyboardInterrupt from None
-            raise
+            # The launcher turns SIGINT or SIGTERM into this exception once it has stopped the
+            # workers: the signal is then what it is everywhere else.
+            raise Stopped(error.sigval) from None
 
 
 @contextlib.contextmanager
@@ -148,11 +107,10 @@ def pytorch_worker(names, settings, weights):
     """One of the PyTorch workers that compare.py --data-parallel N starts on this machine (through
     launch_local_workers): trains each named implementation on its shards, from weights[name].
     Returns worker 0's {name: (entry of results.json, snapshots)}; the others return None."""
-    from common import harness
     from common.data import load_fashion_mnist
 
-    harness.framework_module("pytorch").allow_tf32(settings.tf32)
-    parallel = harness.data_parallel_module("pytorch")
+    registry.training("pytorch").allow_tf32(settings.tf32)
+    parallel = registry.data_parallel("pytorch")
     workers = parallel.start_workers(settings.device, settings.data_parallel, settings.worker_timeout)
     try:
         data = load_fashion_mnist(settings.data_dir)
@@ -161,3 +119,38 @@ def pytorch_worker(names, settings, weights):
     finally:
         parallel.stop_workers(workers)
     return results if workers.process_index == 0 else None
+
+
+def start_workers(settings, launch):
+    """{framework: its workers} for each framework whose workers run in this process: JAX's always
+    (a mesh of local devices, or, under torchrun, jax.distributed's), one mesh for both Flax APIs;
+    PyTorch's under torchrun only (otherwise launch_local_workers starts them)."""
+    frameworks = {IMPLEMENTATIONS[name].framework for name in settings.impls}
+    workers = {}
+    if launch is not None:
+        # Under torchrun the workers meet at torch.distributed's rendezvous first, whatever runs:
+        # it reports one that cannot be reached as an error, where JAX's client would abort the
+        # process (a fatal error in C++) if its coordinator did not answer in time.
+        torch_parallel = registry.data_parallel("pytorch")
+        rendezvous = torch_parallel.start_workers(settings.device if "pytorch" in frameworks else "cpu",
+                                                  settings.data_parallel, settings.worker_timeout)
+        if "pytorch" in frameworks:
+            workers["pytorch"] = rendezvous
+    jax_frameworks = sorted(framework for framework in frameworks if registry.runs_on(framework, "jax"))
+    if jax_frameworks:
+        # One JAX, one mesh: Flax's two APIs share the same workers (impls/linen/data_parallel.py).
+        jax_parallel = registry.data_parallel(jax_frameworks[0])
+        if launch is None:
+            jax_parallel.use_host_devices(settings.data_parallel)
+        mesh = jax_parallel.start_workers(settings.device, settings.data_parallel, settings.worker_timeout)
+        workers.update(dict.fromkeys(jax_frameworks, mesh))
+    if launch is not None and "pytorch" not in frameworks:
+        torch_parallel.stop_workers(rendezvous)
+    return workers
+
+
+def stop_workers(workers):
+    """Each framework's workers, once: both Flax APIs share one mesh."""
+    for framework, its_workers in {id(its_workers): (framework, its_workers)
+                                   for framework, its_workers in workers.items()}.values():
+        registry.data_parallel(framework).stop_workers(its_workers)

@@ -1,4 +1,5 @@
-"""One harness for both frameworks: device choice, synchronised timing, compile-time accounting.
+"""The training loop and its clocks, the same for every implementation: compare.py's experiment,
+the benchmark and the tests drive each framework through it.
 
 Timing rules, the same for every implementation:
 - a clock is read only after the device has finished the work queued before it
@@ -10,7 +11,6 @@ Timing rules, the same for every implementation:
   time, evaluation excluded.
 """
 
-import importlib
 import sys
 import time
 from dataclasses import dataclass, field
@@ -18,47 +18,12 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
-from common.data import num_batches, test_batches, train_batch_indices, train_batches
+from common.data import DataError, load_fashion_mnist, num_batches, test_batches, train_batch_indices, train_batches
+from impls import registry
+from impls.registry import IMPLEMENTATIONS
 
-IMPLEMENTATIONS = {
-    "torch-scratch": ("pytorch", "scratch"),
-    "torch-builtin": ("pytorch", "builtin"),
-    "flax-scratch": ("flax", "scratch"),
-    "flax-builtin": ("flax", "builtin"),
-    "linen-scratch": ("linen", "scratch"),
-    "linen-builtin": ("linen", "builtin"),
-}
-MODES = ("eager", "compiled")
-# --dtype: (the parameters', optimizer's and batch-norm statistics' dtype, the computation's where it
-# differs). bf16-mixed: convolutions and matrix products in bfloat16 (torch.autocast; Flax's dtype).
-PRECISIONS = {"float32": ("float32", None), "float64": ("float64", None), "bf16-mixed": ("float32", "bfloat16")}
 # How often the progress bar reads the running loss back from the device (a synchronisation).
 PROGRESS_EVERY = 20
-
-
-def parse_implementations(text):
-    """'torch-scratch,flax-builtin' -> a list of names; an unknown name lists the valid ones."""
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in IMPLEMENTATIONS]
-    if unknown or not names:
-        raise ValueError(f"unknown implementation {', '.join(unknown) or repr(text)}; "
-                         f"choose from {', '.join(IMPLEMENTATIONS)} (comma-separated)")
-    return list(dict.fromkeys(names))
-
-
-def framework_module(framework):
-    """impls/<framework>/train.py: 'pytorch', 'flax' (NNX) or 'linen'."""
-    return importlib.import_module(f"impls.{framework}.train")
-
-
-def framework_of(name):
-    """The impls/<framework>/train.py module that implements `name`."""
-    return framework_module(IMPLEMENTATIONS[name][0])
-
-
-def data_parallel_module(framework):
-    """impls/<framework>/data_parallel.py: 'pytorch', 'flax' (NNX) or 'linen'."""
-    return importlib.import_module(f"impls.{framework}.data_parallel")
 
 
 def select_devices(names, request, dtype, tf32=False):
@@ -66,11 +31,28 @@ def select_devices(names, request, dtype, tf32=False):
     Each framework's float32 arithmetic on GPUs is set alike: TF32 allowed or not (allow_tf32)."""
     devices = {}
     for name in names:
-        module = framework_of(name)
-        if module.FRAMEWORK not in devices:
-            devices[module.FRAMEWORK] = module.select_device(request, dtype)
+        framework = IMPLEMENTATIONS[name].framework
+        if framework not in devices:
+            module = registry.training(framework)
+            devices[framework] = module.select_device(request, dtype)
             module.allow_tf32(tf32)
     return devices
+
+
+def devices_or_exit(names, settings, dtype):
+    """select_devices for a run's settings; a device that cannot be had ends the run in one line."""
+    try:
+        return select_devices(names, settings.device, dtype, settings.tf32)
+    except RuntimeError as error:
+        sys.exit(f"error: --device {settings.device}: {error}")
+
+
+def data_or_exit(settings):
+    """Fashion-MNIST, as load_fashion_mnist finds it; where it cannot, the run ends in one line saying why."""
+    try:
+        return load_fashion_mnist(settings.data_dir)
+    except DataError as error:
+        sys.exit(f"error: {error}")
 
 
 @dataclass
@@ -106,19 +88,20 @@ class Run:
     @property
     def examples_per_sec(self):
         # Every step may have been a compiling one (a single batch per epoch): then there is no figure.
-        return self.timed_examples / self.train_seconds if self.timed_examples and self.train_seconds > 0 else float("nan")
+        measured = self.timed_examples and self.train_seconds > 0
+        return self.timed_examples / self.train_seconds if measured else float("nan")
 
 
 def start_run(name, weights, lr, device, mode="eager", train_images=None, train_labels=None, workers=None,
               bn_stats="global", compute_dtype=None):
     """A model from the canonical weights; in compiled mode also the training set on the device.
     With `workers` (data parallel), each worker's replica, trained on its shards of the batches;
-    `device` is then this process's first worker's device. compute_dtype: see PRECISIONS."""
-    module = framework_of(name)
+    `device` is then this process's first worker's device. compute_dtype: see settings.PRECISIONS."""
     framework, norm = IMPLEMENTATIONS[name]
+    module = registry.training(framework)
     dtype = weights["conv1.weight"].dtype
     if workers is not None:
-        parallel = data_parallel_module(framework)
+        parallel = registry.data_parallel(framework)
         model = parallel.build_lenet(weights, norm, workers, bn_stats, compute_dtype)
         run = Run(name, module, workers.device, dtype, model, module.make_optimizer(model, lr))
         run.data_parallel = parallel.DataParallelTrainer(model, run.optimizer, workers)
@@ -255,43 +238,6 @@ def evaluate(run, images, labels, batch_size):
     return logits, accuracy
 
 
-def evaluate_weights(name, weights, images, labels, device, batch_size):
-    """Inference-mode logits for the whole test set and the accuracy of implementation `name`
-    holding `weights` (canonical, as common.checkpoint reads them), untrained."""
-    return evaluate(start_run(name, weights, 1.0, device), images, labels, batch_size)
-
-
-def cross_evaluate(sources, names, images, labels, devices, batch_size, progress=True):
-    """Each source -- (its label, the implementation it was trained in, its canonical weights) --
-    evaluated in each implementation of `names` on the test set: the accuracy, and the largest
-    difference of its logits from the source implementation's own (the diagonal: 0). The source
-    implementation is evaluated for that reference whether it is among `names` or not.
-    Returns the matrix as results.json keeps it (rows: sources; columns: names)."""
-    bar = tqdm(total=len(sources) * len(names), desc="evaluating", unit="model", leave=False, disable=not progress)
-    accuracies, differences, own_accuracies, own_magnitudes = [], [], [], []
-
-    def device_of(name):
-        return devices[IMPLEMENTATIONS[name][0]]
-    for _, source, weights in sources:
-        own_logits, own_accuracy = evaluate_weights(source, weights, images, labels, device_of(source), batch_size)
-        own_accuracies.append(own_accuracy)
-        own_magnitudes.append(float(np.max(np.abs(own_logits))))
-        row_accuracies, row_differences = [], []
-        for name in names:
-            logits, accuracy = ((own_logits, own_accuracy) if name == source else
-                                evaluate_weights(name, weights, images, labels, device_of(name), batch_size))
-            row_accuracies.append(accuracy)
-            row_differences.append(float(np.max(np.abs(logits.astype(np.float64) - own_logits))))
-            bar.update()
-        accuracies.append(row_accuracies)
-        differences.append(row_differences)
-    bar.close()
-    return {"rows": [label for label, _, _ in sources], "sources": [source for _, source, _ in sources],
-            "columns": list(names), "dtypes": [weights[next(iter(weights))].dtype.name for _, _, weights in sources],
-            "source_test_acc": own_accuracies, "source_max_abs_logit": own_magnitudes, "test_acc": accuracies,
-            "max_abs_logit_diff": differences}
-
-
 def print_epoch(name, epoch):
     tqdm.write(f"{name:14s} epoch {epoch['epoch']:2d}: loss {epoch['train_loss']:.3f}, "
                f"train acc {epoch['train_acc']:.3f}, test acc {epoch['test_acc']:.3f}")
@@ -300,14 +246,15 @@ def print_epoch(name, epoch):
 def run_implementation(name, weights, data, settings, device, workers=None):
     """Train one implementation for all epochs, evaluating after each (compare.py's experiment).
 
-    settings: compare.py's flags (epochs, batch_size, lr, seed, dtype, mode, max_batches, no_progress, bn_stats).
+    settings: common.drivers.settings.Settings (epochs, batch_size, lr, seed, dtype, mode, max_batches,
+    progress, bn_stats).
     Returns (its entry of results.json, its snapshots: weights and test logits after each epoch); in a
     data-parallel run, in the process that reports only, and (None, None) in the others."""
     train_images, train_labels, test_images, test_labels = data
     wall_start = time.perf_counter()
     run = start_run(name, weights, settings.lr, device, settings.mode, train_images, train_labels, workers,
-                    getattr(settings, "bn_stats", "global"), PRECISIONS[settings.dtype][1])
-    progress = not settings.no_progress and run.reports
+                    settings.bn_stats, settings.compute_dtype)
+    progress = settings.progress and run.reports
     epochs, snapshots = [], []
     for epoch in range(1, settings.epochs + 1):
         if settings.mode == "compiled":
