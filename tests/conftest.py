@@ -1,3 +1,6 @@
+import os
+from pathlib import Path
+
 import jax
 import pytest
 
@@ -12,12 +15,51 @@ jax.config.update("jax_enable_x64", True)
 use_host_devices(4)
 
 
+# pytest-xdist's workers (pyproject.toml: -n auto) take whole groups of tests: a module, with its
+# module-scoped fixtures (tests/test_compare.py's shared runs), or all the modules that share the
+# trained trajectories below, which one worker then computes once. Groups go to the workers in this
+# order, the longest first (measured on the 2-core machine, 2026-12-04: about 120 s of the suite's
+# 450 s for test_compare, 170 s for the trajectories' modules, 80 s for test_stopping), then the
+# rest in file order.
+TESTS = Path(__file__).resolve().parent
+SHARING_TRAJECTORIES = {path.name for path in TESTS.glob("test_*.py") if "trajectories_float" in path.read_text()}
+LONGEST_FIRST = ("test_compare.py", "trajectories", "test_stopping.py", "test_options.py", "test_fast_paths.py")
+MAX_WORKERS = 4  # -n auto on a larger machine: more workers than long groups would only wait and hold memory
+
+
+def group_of(path):
+    name = Path(path).name
+    return "trajectories" if name in SHARING_TRAJECTORIES else name
+
+
+def pytest_xdist_auto_num_workers(config):
+    return max(1, min(os.cpu_count() or 1, MAX_WORKERS))
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's scheduling by scope, a scope being group_of's group (its built-in --dist loadgroup
+    reads a node id that pytest 9.2 no longer lets it change)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            return group_of(nodeid.split("::", 1)[0])
+
+    return GroupScheduling(config, log)
+
+
 def pytest_collection_modifyitems(items):
     """Every test that drives chromium (through the `browser` fixture) is marked `browser`, so that
-    a machine without chromium and selenium can leave those out by name: `-m "not browser"`."""
+    a machine without chromium and selenium can leave those out by name: `-m "not browser"`. The
+    tests go in LONGEST_FIRST's order of their groups."""
     for item in items:
         if "browser" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.browser)
+
+    def rank(item):
+        group = group_of(item.path)
+        return LONGEST_FIRST.index(group) if group in LONGEST_FIRST else len(LONGEST_FIRST)
+    items.sort(key=rank)  # stable: the tests of a group keep their order
 
 
 @pytest.fixture(scope="session")
