@@ -36,6 +36,14 @@ def pytest_xdist_auto_num_workers(config):
     return max(1, min(os.cpu_count() or 1, MAX_WORKERS))
 
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # A worker's share of the cores for PyTorch's threads: its OpenMP threads spin while they wait,
+    # and more of them than cores, across the workers, slowed the whole suite (2-core machine, two
+    # workers, 2026-12-04: 8:06 with PyTorch's default of a thread per core in each, 7:24 with one).
+    import torch
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+
+
 def pytest_xdist_make_scheduler(config, log):
     """xdist's scheduling by scope, a scope being group_of's group (its built-in --dist loadgroup
     reads a node id that pytest 9.2 no longer lets it change)."""

@@ -220,10 +220,11 @@ SHARED_RUNS = {
     "bad_init_run": (bad_init_command, None),
     "orbax_init_run": (orbax_init_command, None),
 }
-# Runs at once: one per core of the 2-core development machine. Each run keeps to about one
-# (OMP_NUM_THREADS=1 above): measured there on 2026-11-27, this module took 186 s with two at a time,
-# 351 s with one run after another.
-RUNS_AT_ONCE = 2
+# Runs at once: one per core this module's worker has (all of them, without pytest-xdist's workers).
+# Each run keeps to about one (OMP_NUM_THREADS=1 above): measured on the 2-core machine on
+# 2026-11-27, this module alone took 186 s with two at a time, 351 s with one run after another;
+# on 2026-12-04, the whole suite on two workers 7:24 with two at a time here, 6:52 with one.
+RUNS_AT_ONCE = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
 
 
 class SharedRuns:
