@@ -9,6 +9,7 @@ to do with the models it trains.
     python compare.py train --init runs/X/checkpoints/torch-builtin.pt   # train on from a checkpoint
     python compare.py bench                 # training throughput against the chapter's own loop
     python compare.py page                  # report.html's source view alone: the six side by side
+    python compare.py export runs/X         # each trained model folded, exported, run by ONNX Runtime
 
 This file is the command line alone: its flags become a Settings (common/drivers/settings.py), which
 common/drivers/modes.py runs. SIGINT and SIGTERM stop any command in one line, with exit status 130
@@ -40,7 +41,14 @@ DESCRIPTIONS = {
              "and report.html.",
     "page": "Write report.html's source view alone (the mirrored implementations side by side, linked to the "
             "README's tables of differences); no training, no data set.",
+    "export": "Deploy each checkpoint: in each framework, batch norm folded into the layer before it, the "
+              "inference exported with a dynamic batch (torch.export, jax.export, ONNX from PyTorch), each "
+              "artefact loaded back in its own runtime (ONNX Runtime for ONNX) and evaluated on the test set: test "
+              "accuracy and the largest logit difference from the checkpoint's own implementation; and each "
+              "artefact's inference throughput at batch 1, 256 and 10,000. Needs pip install -e '.[deploy]'.",
 }
+CHECKPOINT_PATHS = ("checkpoints: .safetensors files, PyTorch state_dicts, Orbax folders, or a run's folder or its "
+                    "checkpoints/ folder")
 # Flags of the time before commands: what they are now, said in one line.
 RENAMED = {
     "--evaluate": "the evaluate command: python compare.py evaluate PATH...",
@@ -95,12 +103,16 @@ def add_common_flags(parser, batch_size_help="examples per batch"):
                              "products to TensorFloat-32 (faster, less exact); by default both compute "
                              "IEEE float32 (their own defaults differ: PyTorch uses TF32 in convolutions "
                              "only, JAX in both)")
+    add_data_flag(parser)
+    add_out_flag(parser)
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def add_data_flag(parser):
     parser.add_argument("--data-dir", default=None,
                         help="folder holding the four Fashion-MNIST files (.gz or not); default: search "
                              "$FASHION_MNIST_DIR, /usr/share/datasets/fashion-mnist, the user cache, "
                              "then download")
-    add_out_flag(parser)
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
 def add_out_flag(parser):
@@ -170,9 +182,7 @@ def build_parser():
                               "n/(n-1), n the values per channel in a batch of --batch-size")
 
     evaluate = command("evaluate", "each checkpoint evaluated in each implementation")
-    evaluate.add_argument("paths", nargs="+", metavar="PATH",
-                          help="checkpoints: .safetensors files, PyTorch state_dicts, Orbax folders, or a run's "
-                               "folder or its checkpoints/ folder")
+    evaluate.add_argument("paths", nargs="+", metavar="PATH", help=CHECKPOINT_PATHS)
     add_common_flags(evaluate, batch_size_help="examples per evaluation batch")
 
     bench = command("bench", "training throughput against the chapter's loop")
@@ -185,6 +195,15 @@ def build_parser():
 
     page = command("page", "report.html's source view alone")
     add_out_flag(page)
+
+    export = command("export", "each checkpoint folded, exported and run in every runtime")
+    export.add_argument("paths", nargs="+", metavar="PATH", help=CHECKPOINT_PATHS)
+    export.add_argument("--batch-size", type=positive_int, default=256, help="examples per evaluation batch")
+    export.add_argument("--repeats", type=positive_int, default=5,
+                        help="timed repeats of each throughput; the median is reported")
+    add_data_flag(export)
+    add_out_flag(export)
+    export.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return parser, commands.choices
 
 

@@ -25,6 +25,10 @@ LAYERS = (
     ("fc3", "linear", (10, 84)),
 )
 BATCH_NORM_LAYERS = tuple(name for name, kind, _ in LAYERS if kind == "batch_norm")
+# The batch-norm layer after each convolution or Linear layer that has one: in inference, an affine
+# map per channel, which folds into the layer before it (impls/*/deploy.py).
+BATCH_NORM_AFTER = {name: next_name for (name, _, _), (next_name, next_kind, _) in zip(LAYERS, LAYERS[1:])
+                    if next_kind == "batch_norm"}
 
 # Trainable parameters versus state that moves with the model but is not trained.
 PARAMETER_NAMES = tuple(

@@ -108,3 +108,22 @@ class CheckpointPart(Protocol):
     def save_native(self, model, path, metadata): ...         # the model as its users save one; the path
     def is_native(self, path): ...                            # whether `path` is in this format
     def load_native(self, path): ...                          # -> (canonical weights, metadata); CheckpointError
+
+
+class DeployPart(Protocol):
+    """impls/<framework>/deploy.py: batch norm folded, the inference program exported and loaded."""
+    PROGRAM: str                                              # 'torch.export', 'jax.export'
+    PROGRAM_SUFFIX: str                                       # '.pt2', '.jaxexport'
+    BATCH_NORM_OPERATIONS: frozenset                          # what batch norm leaves in a program, in inference
+    BATCH_STATISTICS_OPERATIONS: frozenset                    # what a training-mode batch norm leaves
+
+    def fold_batch_norm(self, model): ...                     # an inference model without batch norm; ValueError
+    def export_program(self, model, path, example): ...       # the inference program, batch dynamic; ValueError
+    def load_program(self, path): ...                         # -> a function of a numpy batch to numpy logits
+    def program_operations(self, path): ...                   # {operation: count} of a saved program
+
+
+class OnnxDeployPart(DeployPart, Protocol):
+    """PyTorch's deploy.py (registry.FRAMEWORKS[...].runtime == 'torch'): JAX has no ONNX exporter
+    of its own (docs/deploying.md)."""
+    def export_onnx(self, model, path, example): ...          # an ONNX file, batch dynamic; ValueError

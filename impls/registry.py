@@ -42,9 +42,11 @@ PARTS = {
     "train": interface.TrainingPart,
     "data_parallel": interface.DataParallelPart,
     "checkpoint": interface.CheckpointPart,
+    "deploy": interface.DeployPart,
 }
 # What a runtime's parts provide beyond PARTS' protocols.
-RUNTIME_PARTS = {("jax", "data_parallel"): interface.MeshDataParallelPart}
+RUNTIME_PARTS = {("jax", "data_parallel"): interface.MeshDataParallelPart,
+                 ("torch", "deploy"): interface.OnnxDeployPart}
 
 
 def protocol(framework, part):
@@ -76,6 +78,10 @@ def data_parallel(framework) -> interface.DataParallelPart:
 
 def checkpoint(framework) -> interface.CheckpointPart:
     return part(framework, "checkpoint")
+
+
+def deploy(framework) -> interface.DeployPart:
+    return part(framework, "deploy")
 
 
 def training_of(name) -> interface.TrainingPart:

@@ -38,7 +38,7 @@ from common.report import page
 from impls import registry
 from impls.registry import IMPLEMENTATIONS
 from tests.browser import open_page, start_chromium
-from tests.tolerances import FLOAT32_PORTED_LOGITS
+from tests.tolerances import FLOAT32_DEPLOYED_LOGITS, FLOAT32_PORTED_LOGITS
 
 REPO = Path(__file__).resolve().parent.parent
 IMPLS = list(IMPLEMENTATIONS)  # the registry's six, in its order: compare.py's default
@@ -52,6 +52,7 @@ FLAGS = {
     "evaluate": COMMON_FLAGS,
     "bench": [*COMMON_FLAGS, "--lr", "--seed", "--dtype", "--batches", "--repeats", *PARALLEL_FLAGS],
     "page": ["--out"],
+    "export": ["--batch-size", "--repeats", "--data-dir", "--out", "--no-progress"],
 }
 TIMING_FIELDS = {"examples_per_sec", "compile_seconds", "wall_seconds", "train_seconds"}
 RUN_TIMEOUT_S = 300  # generous: a tiny run takes about 15 s on a 2-core CPU
@@ -217,6 +218,10 @@ SHARED_RUNS = {
     "page_run": (compare_command("page"), None),
     # The main run's checkpoints, each evaluated in two implementations.
     "evaluate_run": (evaluate_command, "main_run"),
+    # Two of the main run's checkpoints, in their frameworks' own formats, deployed every way.
+    "export_run": (lambda folder, runs: compare_command(
+        "export", runs.out("main_run") / "checkpoints" / "torch-builtin.pt",
+        runs.out("main_run") / "checkpoints" / "linen-scratch.orbax", "--repeats", 1, "--no-progress"), "main_run"),
     "bad_init_run": (bad_init_command, None),
     "orbax_init_run": (orbax_init_command, None),
 }
@@ -541,6 +546,98 @@ def test_evaluate_measures_each_checkpoint_in_each_implementation(evaluate_run, 
     assert not (out / "checkpoints").exists() and "examples/sec" not in process.stdout  # nothing trained
 
 
+export_run = shared_results("export_run")
+
+
+@pytest.mark.deploy
+def test_export_deploys_each_checkpoint_every_way_within_float32s_bound(export_run, main_run):
+    """export on the main run's torch-builtin state_dict and linen-scratch Orbax folder: every
+    artefact written, loaded back in its runtime and evaluated on the test set, each cell within its
+    float32 bound (tests/tolerances.py); every exported graph read; each artefact's throughput."""
+    from common.drivers import deployment
+    process, out, results = export_run
+    _, main_out, main_results = main_run
+    matrix = results["deployment"]
+    assert matrix["rows"] == ["torch-builtin.pt", "linen-scratch.orbax"]
+    assert matrix["sources"] == ["torch-builtin", "linen-scratch"] and matrix["dtypes"] == ["float32"] * 2
+    names = deployment.artefact_names()
+    assert matrix["columns"] == ["eager", *(name for name, *_ in names)]
+    assert matrix["column_kinds"] == ["eager", *(kind for _, _, kind, _ in names)]
+    for row, source in enumerate(matrix["sources"]):
+        own = main_results["runs"][source]["epochs"][-1]["test_acc"]
+        assert matrix["test_acc"][row][0] == own and matrix["max_abs_logit_diff"][row][0] == 0
+        scale = max(1.0, matrix["source_max_abs_logit"][row])
+        for kind, name, accuracy, difference in zip(matrix["column_kinds"][1:], matrix["columns"][1:],
+                                                    matrix["test_acc"][row][1:], matrix["max_abs_logit_diff"][row][1:]):
+            assert difference <= FLOAT32_DEPLOYED_LOGITS[kind] * scale, (source, name, difference)
+            assert abs(accuracy - own) <= 2 / TEST_EXAMPLES, (source, name)
+        files = matrix["artefacts"][row]
+        assert sorted(Path(path).name for path in files.values()) == sorted(
+            [f"{framework}{suffix}{extension}" for framework, extension in
+             (("pytorch", ".pt2"), ("flax", ".jaxexport"), ("linen", ".jaxexport"), ("pytorch", ".onnx"))
+             for suffix in ("", "-folded")])
+        assert all((out / path).stat().st_size > 10_000 for path in files.values())
+        operations = matrix["operations"][row]
+        assert all(not left for name, left in operations.items() if name.endswith("folded"))
+    # The built-in layer's inference in PyTorch's program; the scratch layer's square root in JAX's.
+    assert matrix["operations"][0]["torch.export (PyTorch)"] == {"_native_batch_norm_legit_no_training": 4}
+    assert matrix["operations"][1]["jax.export (Flax Linen)"] == {"sqrt": 4}
+    throughput = matrix["throughput"]
+    assert throughput["batch_sizes"] == [1, 256, 10000] and throughput["repeats"] == 1
+    assert [row["artefact"] for row in throughput["rows"]] == [
+        name for framework, (title, _) in registry.FRAMEWORKS.items()
+        for name in (f"{title}, eager", *(name for name, of, _, _ in names if of == framework))]
+    for row in throughput["rows"]:
+        assert all(row["examples_per_sec"][batch] > 0 for batch in ("1", "256", "10000")), row
+        if row["artefact"].endswith(", eager"):
+            assert row["ratio_to_eager"] == {"1": 1.0, "256": 1.0, "10000": 1.0}
+    assert "Every difference within its float32 bound (tests/tolerances.py)" in process.stdout
+    assert not list(out.rglob("*.partial"))
+    page_text = (out / "report.html").read_text()
+    assert 'id="deployment"' in page_text and 'id="plot-deployment"' in page_text
+    # Every cell green: within its bound, or no difference at all (eager's, torch.export's of torch-builtin).
+    assert page_text.count('class="number rounding"') + page_text.count('class="number exact"') == 2 * (len(names) + 1)
+    assert (out / "deployment.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.deploy
+def test_export_refuses_in_one_line_what_it_cannot_use(tmp_path, monkeypatch, capsys):
+    """A checkpoint that does not load, and an output folder that cannot be written: one line, before
+    anything is exported or written."""
+    import compare
+    from common.checkpoint import save
+    from common.init import canonical_weights
+    monkeypatch.chdir(REPO)
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    lenet = save(canonical_weights(0, np.float32), tmp_path / "lenet.safetensors", {})
+    for arguments, message in (
+            ([tmp_path / "notes.txt", "--out", tmp_path / "out"],
+             r"error: export: .*notes\.txt: not a checkpoint: expected a \.safetensors file, a PyTorch state_dict .*"),
+            ([tmp_path / "none.pt", "--out", tmp_path / "out"], r"error: export: .*none\.pt: no such file or folder"),
+            ([lenet, "--out", tmp_path / "notes.txt" / "out"],
+             r"error: --out .*notes\.txt/out: cannot write there: Not a directory")):
+        with pytest.raises(SystemExit) as exited:
+            compare.main(["export", *map(str, arguments), "--no-progress"])
+        assert re.fullmatch(message, str(exited.value)), str(exited.value)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["lenet.safetensors", "notes.txt"]
+
+
+@pytest.mark.deploy
+def test_export_without_its_packages_names_the_extra_to_install(tmp_path):
+    """Where the deploy extra is not installed (onnxscript, here, cannot be imported): one line naming
+    it and how to install it, before anything is read or written."""
+    code = ("import sys, runpy; sys.modules['onnxscript'] = None; "
+            f"sys.argv = ['compare.py', 'export', 'runs/none', '--out', {str(tmp_path / 'out')!r}]; "
+            "runpy.run_path('compare.py', run_name='__main__')")
+    process = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=ENVIRONMENT, capture_output=True, text=True,
+                             timeout=120)
+    assert process.returncode == 1
+    assert process.stderr.strip().splitlines() == [
+        "error: export needs onnxscript, not installed here: pip install -e '.[deploy]' installs every exporter and "
+        "runtime it uses"], process.stderr
+    assert not (tmp_path / "out").exists()
+
+
 bad_init_run = shared_run("bad_init_run")
 
 
@@ -735,7 +832,7 @@ ARGUMENT_ERRORS = [
     (["bench", "--init", "runs/a/checkpoints/torch-scratch.pt"],
      "unrecognized arguments: --init runs/a/checkpoints/torch-scratch.pt"),
     (["page", "--epochs", "1"], "unrecognized arguments: --epochs 1"),
-    (["evalute", "runs/a"], "unknown command 'evalute': choose from train, evaluate, bench, page"),
+    (["evalute", "runs/a"], "unknown command 'evalute': choose from train, evaluate, bench, page, export"),
     # The flags that chose a mode before there were commands: the new spelling, in one line.
     (["--evaluate", "runs/a"], "--evaluate is now the evaluate command: python compare.py evaluate PATH..."),
     (["--init", "runs/a/checkpoints/torch-scratch.pt", "--bench"],
@@ -831,7 +928,7 @@ def test_each_commands_help_lists_its_own_flags(monkeypatch, capsys, command):
     usage = text[:text.index("\n\n")]
     shown = set(re.findall(r"--[a-z0-9-]+", usage))
     assert shown == set(FLAGS[command]), (command, shown ^ set(FLAGS[command]))
-    assert ("PATH [PATH ...]" in usage) == (command == "evaluate")  # the checkpoints to evaluate
+    assert ("PATH [PATH ...]" in usage) == (command in ("evaluate", "export"))  # the checkpoints
     if "--impls" in shown:
         assert all(name in text for name in IMPLS)
 
@@ -1053,12 +1150,18 @@ def evaluate_page(browser, evaluate_run):
     return open_page(browser, out / "report.html")
 
 
-@pytest.fixture(params=["train", "page", "evaluate"])
+@pytest.fixture(scope="module")
+def export_page(browser, export_run):
+    _, out, _ = export_run
+    return open_page(browser, out / "report.html")
+
+
+@pytest.fixture(params=["train", "page", "evaluate", pytest.param("export", marks=pytest.mark.deploy)])
 def any_page(request, browser):
     """Any of the pages. `browser` is named here, though the page's own fixture asks for it, so that
     pytest sees these tests need it too and tests/conftest.py marks them `browser`."""
     return request.getfixturevalue({"train": "main_page", "page": "source_page",
-                                    "evaluate": "evaluate_page"}[request.param])
+                                    "evaluate": "evaluate_page", "export": "export_page"}[request.param])
 
 
 def readme_topics(heading):
@@ -1084,7 +1187,7 @@ def definitions(path):
     return found
 
 
-PAGE_FIXTURES = {"browser", "main_page", "source_page", "evaluate_page", "any_page"}
+PAGE_FIXTURES = {"browser", "main_page", "source_page", "evaluate_page", "export_page", "any_page"}
 
 
 def test_without_selenium_the_module_collects_and_the_browser_marker_names_the_page_tests():

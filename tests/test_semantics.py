@@ -358,10 +358,12 @@ def default_torch_precisions():
 @pytest.fixture
 def restore_float32_precision():
     saved_jax = jax.config.jax_default_matmul_precision
-    saved_torch = torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+    saved_torch = (torch.backends.cudnn.allow_tf32, torch.backends.cudnn.conv.fp32_precision,
+                   torch.backends.cuda.matmul.fp32_precision)
     yield
     jax.config.update("jax_default_matmul_precision", saved_jax)
-    torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = saved_torch
+    (torch.backends.cudnn.allow_tf32, torch.backends.cudnn.conv.fp32_precision,
+     torch.backends.cuda.matmul.fp32_precision) = saved_torch
 
 
 # Forward and backward: 2 + 3 convolutions (conv1 needs no input gradient), 3 + 6 matrix products.

@@ -45,9 +45,8 @@ def trained_checkpoints(folder):
 
 # command: (compare.py's arguments, given the test's folder; what the run starts besides itself)
 COMMANDS = {
-    # Two implementations, one full epoch each: training is under way when the signal comes.
-    "train": (lambda folder: ["train", "--impls", "torch-scratch,flax-scratch", "--epochs", "1", "--device", "cpu"],
-              "nothing"),
+    # One full epoch: training is under way when the signal comes.
+    "train": (lambda folder: ["train", "--impls", "torch-scratch", "--epochs", "1", "--device", "cpu"], "nothing"),
     # PyTorch's two worker processes, started by torch.distributed's launcher.
     "train --data-parallel 2": (lambda folder: ["train", "--data-parallel", "2", "--impls", "torch-scratch",
                                                 "--epochs", "1", "--device", "cpu"], "workers"),
@@ -57,9 +56,12 @@ COMMANDS = {
     "bench": (lambda folder: ["bench", "--impls", "torch-scratch", "--batches", "5", "--repeats", "200",
                               "--device", "cpu"], "dataloader"),
     "page": (lambda folder: ["page"], "nothing"),
+    # Deploying: the export folder under way, which a stop must not leave half-written.
+    "export": (lambda folder: ["export", str(trained_checkpoints(folder / "checkpoints"))],
+               "nothing"),
 }
 BAR = {"train": "torch-scratch epoch 1", "train --data-parallel 2": "torch-scratch epoch 1",
-       "evaluate": "evaluating", "bench": "benchmark"}
+       "evaluate": "evaluating", "bench": "benchmark", "export": "exporting"}
 
 
 def earlier_outputs(out, command):
@@ -94,7 +96,8 @@ def wait_until_under_way(process, stderr_path, command, out):
 
 
 @pytest.mark.parametrize("signum", SIGNALS, ids=[signum.name for signum in SIGNALS])
-@pytest.mark.parametrize("command", list(COMMANDS))
+@pytest.mark.parametrize("command", [pytest.param(command, marks=pytest.mark.deploy) if command == "export" else command
+                                     for command in COMMANDS])
 def test_a_signal_stops_every_command_cleanly(command, signum, tmp_path):
     arguments, started = COMMANDS[command]
     out, stderr_path = tmp_path / "out", tmp_path / "stderr"
@@ -170,10 +173,13 @@ def test_a_killed_worker_is_named_with_its_signal(tmp_path):
 def test_each_command_clears_what_it_would_write_and_no_input(tmp_path):
     """outputs.clear: a command removes from --out what it writes and every other command's record,
     and nothing else; evaluate keeps checkpoints/, which may be what it reads, and page the records."""
-    everything = ["bench.json", "checkpoints", "curves.png", "curves.svg", "divergence.png", "divergence.svg",
-                  "evaluation.png", "evaluation.svg", "notes.txt", "report.html", "results.json"]
-    kept = {"train": ["notes.txt"], "evaluate": ["checkpoints", "notes.txt"], "bench": ["checkpoints", "notes.txt"],
-            "page": [name for name in everything if name != "report.html"]}
+    everything = ["bench.json", "checkpoints", "curves.png", "curves.svg", "deployment.png", "deployment.svg",
+                  "divergence.png", "divergence.svg", "evaluation.png", "evaluation.svg", "export", "notes.txt",
+                  "report.html", "results.json"]
+    kept = {"train": ["notes.txt"], "evaluate": ["checkpoints", "export", "notes.txt"],
+            "bench": ["checkpoints", "export", "notes.txt"],
+            "page": [name for name in everything if name != "report.html"],
+            "export": ["checkpoints", "notes.txt"]}
     for command, left in kept.items():
         out = tmp_path / command
         out.mkdir()

@@ -13,11 +13,10 @@ import os
 from dataclasses import dataclass
 
 from common.checkpoint import MODEL, SUFFIX, CheckpointError, check_metadata, is_safetensors, load, save
+from common.drivers.outputs import CHECKPOINTS as FOLDER
 from common.init import WEIGHT_NAMES
 from impls import registry
 from impls.registry import FRAMEWORKS, IMPLEMENTATIONS
-
-FOLDER = "checkpoints"  # <out>/checkpoints/: every trained implementation, each in every format
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """The commands compare.py runs, each from a Settings: train (the chapter's experiment), evaluate,
-bench and page. Each clears what an earlier run left in --out that it would write (outputs.py),
+bench, page and export. Each clears what an earlier run left in --out that it would write (outputs.py),
 and each stops cleanly on SIGINT or SIGTERM (stopping.py).
 """
 
-from common.drivers import bench, evaluation, experiment, outputs
+from common.drivers import bench, deployment, evaluation, experiment, outputs
 from common.drivers.stopping import stops_cleanly
 from common.report import page
 
@@ -16,7 +16,8 @@ def write_page(settings):
     return 0
 
 
-COMMANDS = {"train": experiment.run, "evaluate": evaluation.run, "bench": bench.run, "page": write_page}
+COMMANDS = {"train": experiment.run, "evaluate": evaluation.run, "bench": bench.run, "page": write_page,
+            "export": deployment.run}
 
 
 def run(settings):

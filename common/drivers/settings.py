@@ -16,7 +16,7 @@ from common.data import num_batches, shard_bounds
 from impls.registry import IMPLEMENTATIONS, runs_on
 
 TRAIN_EXAMPLES = 60000  # Fashion-MNIST's training set
-COMMANDS = ("train", "evaluate", "bench", "page")
+COMMANDS = ("train", "evaluate", "bench", "page", "export")
 MODES = ("eager", "compiled")
 # --dtype: (the parameters', optimizer's and batch-norm statistics' dtype, the computation's where it
 # differs). bf16-mixed: convolutions and matrix products in bfloat16 (torch.autocast; Flax's dtype).
@@ -49,9 +49,9 @@ class Settings:
     worker_timeout: int = 300          # seconds a worker waits for the others
     init: str | None = None            # a checkpoint to start from instead of the canonical weights
     running_var: str = "keep"          # with init: 'keep' the moving variances or 'convert' them
-    # evaluate
+    # evaluate, export
     paths: tuple = ()                  # checkpoints: files, or folders of them
-    # bench
+    # bench (and export's throughput)
     batches: int = 50                  # batches per timed repeat
     repeats: int = 5                   # timed repeats; the median is reported
 

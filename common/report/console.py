@@ -1,5 +1,9 @@
 """The console's report of a run: the chapter's lines for each implementation, the drift between
-them (and, under mixed precision, from float32), and one summary table (report.html shows it too)."""
+them (and, under mixed precision, from float32), and one summary table (report.html shows it too);
+evaluate's and export's matrices."""
+
+from common.report.bounds import DEPLOYED, PORTED, float32_bounds, fraction_of_bound
+from impls.registry import IMPLEMENTATIONS
 
 def print_report(results):
     runs = results["runs"]
@@ -108,6 +112,14 @@ def evaluation_rows(results):
     return header, rows
 
 
+def evaluation_fractions(results, bounds):
+    """Each cell's difference as a fraction of the float32 bound of a moved model, in
+    evaluation_rows' layout; None where the bound is unknown."""
+    evaluation = results["evaluation"]
+    return [[fraction_of_bound(difference, bounds.get(PORTED), magnitude) for difference in row]
+            for row, magnitude in zip(evaluation["max_abs_logit_diff"], evaluation["source_max_abs_logit"])]
+
+
 def print_evaluation(results):
     """The matrix of compare.py --evaluate, and what its cells are."""
     evaluation = results["evaluation"]
@@ -127,3 +139,105 @@ def table(header, rows):
              for row in (header, *rows)]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(lines)
+
+
+def matrix_cell(accuracy, difference):
+    """One cell of a matrix: 'test accuracy / largest logit difference'."""
+    if accuracy is None:
+        return "not run"
+    return f"{accuracy:.4f} / {difference:.1e}" if difference else f"{accuracy:.4f} / 0"
+
+
+def deployment_bound(kind, bounds):
+    """The float32 bound of an artefact of this kind (tests/tolerances.py), or None where unknown."""
+    return bounds.get(DEPLOYED, {}).get(kind)
+
+
+def deployment_rows(results):
+    """compare.py export's matrix as text cells, (header, rows): a row per artefact, a column per
+    checkpoint (the console's table and report.html's)."""
+    deployment = results["deployment"]
+    header = ("artefact \\ checkpoint", *deployment["rows"])
+    rows = [(name, *(matrix_cell(deployment["test_acc"][row][column], deployment["max_abs_logit_diff"][row][column])
+                     for row in range(len(deployment["rows"]))))
+            for column, name in enumerate(deployment["columns"])]
+    return header, rows
+
+
+def deployment_fractions(results, bounds):
+    """Each cell's difference as a fraction of its float32 bound, in deployment_rows' layout (a row
+    per artefact); None where the cell did not run or its bound is unknown."""
+    deployment = results["deployment"]
+    return [[None if deployment["test_acc"][row][column] is None else
+             fraction_of_bound(deployment["max_abs_logit_diff"][row][column], deployment_bound(kind, bounds),
+                               deployment["source_max_abs_logit"][row])
+             for row in range(len(deployment["rows"]))]
+            for column, kind in enumerate(deployment["column_kinds"])]
+
+
+def operation_rows(results):
+    """What batch norm left in each exported graph, for the first checkpoint of each batch norm
+    (scratch, built in; the others' graphs are alike): (header, rows)."""
+    deployment = results["deployment"]
+    firsts = {}
+    for index, source in enumerate(deployment["sources"]):
+        firsts.setdefault(IMPLEMENTATIONS[source].norm, index)
+    header = ("exported graph", *(deployment["rows"][index] for index in firsts.values()))
+    names = list(deployment["operations"][0])
+    rows = [(name, *(", ".join(f"{operation} x{count}" for operation, count in
+                               deployment["operations"][index][name].items()) or "none"
+                     for index in firsts.values()))
+            for name in names]
+    return header, rows
+
+
+def throughput_rows(results):
+    """Each artefact's inference throughput at each batch size, with its ratio to its framework's
+    eager inference: (header, rows)."""
+    throughput = results["deployment"]["throughput"]
+    header = ("artefact", *(f"batch {batch:,}" for batch in throughput["batch_sizes"]))
+    rows = [(row["artefact"], *(f"{row['examples_per_sec'][str(batch)]:,.0f} ({row['ratio_to_eager'][str(batch)]:.2f}x)"
+                                for batch in throughput["batch_sizes"]))
+            for row in throughput["rows"]]
+    return header, rows
+
+
+def print_deployment(results):
+    """compare.py export's matrix, whether every cell is float32's rounding, what batch norm left in
+    each graph, and the throughput."""
+    deployment = results["deployment"]
+    print("\nEach checkpoint (column) deployed every way (row) and evaluated on the test set: test accuracy /")
+    print("largest |logits - the eager logits of the implementation it was trained in|\n")
+    print(table(*deployment_rows(results)))
+    print()
+    for label, source, dtype, path, not_run in zip(deployment["rows"], deployment["sources"], deployment["dtypes"],
+                                                   deployment["files"], deployment["not_run"]):
+        print(f"  {label}: {path}, {dtype}, its own logits from {source}")
+        for name, reason in not_run.items():
+            print(f"    {name}: not run: {reason}")
+    print(f"\n{bound_verdict(results, float32_bounds())}")
+    header, rows = operation_rows(results)
+    print(f"\nWhat batch norm left in each exported graph, as its runtime reads it ({', '.join(header[1:])}):")
+    for name, *cells in rows:
+        print(f"  {name}: {' | '.join(cells)}")
+    throughput = deployment["throughput"]
+    print(f"\nInference throughput of {deployment['rows'][0]}'s artefacts, examples/sec (x its framework's eager "
+          f"inference at that batch size; median of {throughput['repeats']} repeats, warm-up apart):\n")
+    print(table(*throughput_rows(results)))
+
+
+def bound_verdict(results, bounds):
+    """One line: whether every cell of the export's matrix is within its float32 bound."""
+    if DEPLOYED not in bounds:
+        return "No float32 bound to hold the cells to (tests/tolerances.py not found)."
+    fractions = [(fraction, name, label) for name, row in zip(results["deployment"]["columns"],
+                                                              deployment_fractions(results, bounds))
+                 for fraction, label in zip(row, results["deployment"]["rows"]) if fraction is not None]
+    largest, name, label = max(fractions)
+    beyond = sum(fraction > 1 for fraction, _, _ in fractions)
+    where = f"{name}, {label}"
+    if beyond:
+        return (f"{beyond} cell(s) beyond their float32 bound (tests/tolerances.py): the largest {largest:.1f}x it "
+                f"({where}).")
+    return (f"Every difference within its float32 bound (tests/tolerances.py): float32's rounding; the largest "
+            f"{largest:.2f} of it ({where}).")

@@ -26,6 +26,7 @@ from pygments.formatters import HtmlFormatter
 from pygments.lexers import PythonLexer
 
 from common.files import write_text
+from common.report.bounds import float32_bounds
 from impls import registry
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: README.md and impls/
@@ -45,7 +46,7 @@ class Framework:
 # registered before it.
 READ_AGAINST = {"flax": "pytorch", "linen": "flax"}
 # The order in which to read the mirrored files; any other file comes after these, by name.
-FILE_ORDER = ("batch_norm.py", "lenet.py", "train.py", "data_parallel.py", "checkpoint.py")
+FILE_ORDER = ("batch_norm.py", "lenet.py", "train.py", "data_parallel.py", "checkpoint.py", "deploy.py")
 
 # Twins whose names differ by the frameworks' conventions: (file, {framework: definition}, why).
 TWINS_BY_OTHER_NAME = [
@@ -58,6 +59,11 @@ TWINS_BY_OTHER_NAME = [
     ("lenet.py", {"pytorch": "state_dict_key", "flax": "model_variable", "linen": "variable_path"},
      "where each framework keeps a canonical weight: a key of the state_dict, a variable of the NNX "
      "model, a path into Linen's collections"),
+    ("deploy.py", {"pytorch": "folded_layer", "flax": "fold"},
+     "PyTorch folds a layer through its own fusers, which take the modules (or their tensors); JAX folds "
+     "the arrays, with the formula written once for NNX and Linen"),
+    ("deploy.py", {"pytorch": "ATEN_OPERATION", "flax": "STABLEHLO_OPERATION"},
+     "a program's operations as each runtime names them: ATen's, StableHLO's"),
 ]
 
 # Definitions that have no twin in the framework they are shown beside, by design: ((framework,
@@ -67,8 +73,9 @@ TWINS_BY_OTHER_NAME = [
 WITHOUT_TWIN = {
     (("pytorch", "flax"), "batch_norm.py"): {"flax": ["VARIANCE_NAMES", "reset_running_stats"]},
     (("flax", "linen"), "batch_norm.py"): {"flax": ["BatchNorm.__init__"]},
-    (("pytorch", "flax"), "lenet.py"): {"flax": ["promote_input_only", "to_flax_layout", "from_flax_layout"]},
-    (("flax", "linen"), "lenet.py"): {"flax": ["promote_input_only"], "linen": ["Model"]},
+    (("pytorch", "flax"), "lenet.py"): {"flax": ["Folded", "promote_input_only", "to_flax_layout",
+                                                 "from_flax_layout"]},
+    (("flax", "linen"), "lenet.py"): {"flax": ["promote_input_only", "Folded.__init__"], "linen": ["Model"]},
     (("pytorch", "flax"), "train.py"): {
         "pytorch": ["cross_entropy", "loss_and_counts", "FastTrainer.step", "FastTrainer.capture",
                     "FastTrainer.train_with_graph"],
@@ -80,12 +87,24 @@ WITHOUT_TWIN = {
     (("pytorch", "flax"), "checkpoint.py"): {
         "flax": ["checkpointer", "save_orbax", "is_orbax_folder", "orbax_tree_names", "read_orbax", "pure_dict"]},
     (("flax", "linen"), "checkpoint.py"): {"flax": ["checkpointer", "pure_dict"]},
+    (("pytorch", "flax"), "deploy.py"): {
+        "pytorch": ["DYNAMIC_BATCH", "export_onnx", "example_input"],
+        "flax": ["PLATFORMS", "EPS_FIELD", "statistics", "write_program"]},
+    (("flax", "linen"), "deploy.py"): {"flax": ["STABLEHLO_OPERATION", "PLATFORMS", "EPS_FIELD"]},
     (("pytorch", "flax"), "data_parallel.py"): {
         "flax": ["AXIS", "use_host_devices", "worker_value_and_gradients", "worker_train_step", "train_on_shards",
                  "MeshTrainer"]},
 }
 # Why, for those whose own docstring or comment does not say it.
 WITHOUT_TWIN_REASONS = {
+    ("pytorch", "deploy.py", "export_onnx"): "JAX has no ONNX exporter of its own (google/flax#834): docs/deploying.md "
+                                             "says what jax2onnx does with this LeNet, and what a Flax user does "
+                                             "instead",
+    ("pytorch", "deploy.py", "example_input"): "torch.export traces the model with an example tensor on its device; "
+                                               "jax.export takes the shape and dtype alone",
+    ("flax", "deploy.py", "statistics"): "PyTorch's fusers read the batch-norm module itself",
+    ("flax", "deploy.py", "write_program"): "the program made from a function of the images, for NNX's model and for "
+                                            "Linen's module and variables alike",
     ("pytorch", "train.py", "FastTrainer.step"): "one compiled step on a batch gathered on the device; the CUDA "
                                                  "graph records it too",
     ("linen", "train.py", "logits_and_statistics"): "Linen's predict applies the module to its variables, and in "
@@ -148,6 +167,14 @@ PLACES = {
                                                 ("data_parallel.py", "train_on_shards", "flax")],
     "DDP's `broadcast_buffers`": [("data_parallel.py", "DataParallelTrainer.__init__"),
                                   ("data_parallel.py", "DataParallelTrainer.finish")],
+    # Batch-norm options across frameworks: deployment
+    "folding into the layer before it": [("deploy.py", "fold_batch_norm"), ("deploy.py", "folded_layer", "pytorch"),
+                                         ("deploy.py", "fold", "flax")],
+    "eps in a fold or an export": [("batch_norm.py", "BatchNorm.__init__"), ("deploy.py", "folded_layer"),
+                                   ("deploy.py", "statistics"), ("deploy.py", "EPS_FIELD")],
+    "exporting a model in training mode": [("deploy.py", "check_inference")],
+    "the exported batch dimension": [("deploy.py", "DYNAMIC_BATCH"), ("deploy.py", "write_program")],
+    "ONNX": [("deploy.py", "export_onnx")],
 }
 
 # The README's tables that the page shows, by the heading above each.
@@ -751,16 +778,29 @@ def results_view(results, bench, out):
     """What the results part of the page shows, or None."""
     if results is None and bench is None:
         return None
-    view = {"results": results, "bench": bench, "plots": [], "summary": None, "evaluation": None}
+    view = {"results": results, "bench": bench, "plots": [], "summary": None, "evaluation": None, "deployment": None}
     if results is None:
         return view
     from common.report import console, plots  # noqa: PLC0415 (matplotlib, only when there are results)
+    bounds = float32_bounds()
     if "evaluation" in results:
         path = Path(out) / f"{plots.EVALUATION}.svg"
-        view["evaluation"] = {"table": console.evaluation_rows(results),
+        header, rows = console.evaluation_rows(results)
+        view["evaluation"] = {"table": (header, coloured(rows, console.evaluation_fractions(results, bounds))),
                               "svg": inline_svg(path, plots.EVALUATION) if path.exists() else None,
                               "sources": list(zip(*(results["evaluation"][key] for key in
                                                     ("rows", "files", "dtypes", "sources"))))}
+    if "deployment" in results:
+        path = Path(out) / f"{plots.DEPLOYMENT}.svg"
+        header, rows = console.deployment_rows(results)
+        deployment = results["deployment"]
+        view["deployment"] = {
+            "table": (header, coloured(rows, console.deployment_fractions(results, bounds))),
+            "svg": inline_svg(path, plots.DEPLOYMENT) if path.exists() else None,
+            "verdict": console.bound_verdict(results, bounds),
+            "operations": console.operation_rows(results), "throughput": console.throughput_rows(results),
+            "sources": list(zip(*(deployment[key] for key in ("rows", "files", "dtypes", "sources")))),
+            "not_run": sorted({(name, reason) for row in deployment["not_run"] for name, reason in row.items()})}
     if "runs" in results:
         view["summary"] = console.summary_rows(results)
         for stem, title in ((plots.CURVES, "Training curves"), (plots.DIVERGENCE, "How far the implementations drift apart")):
@@ -771,6 +811,18 @@ def results_view(results, bench, out):
         view["not_run"] = {name: run["not_run"] for name, run in results["runs"].items() if "not_run" in run}
         view["unbiased_note"] = console.compares_torch_builtin(results)
     return view
+
+
+def coloured(rows, fractions):
+    """A matrix's text rows, each cell beside the class that colours it against its float32 bound
+    (fractions: each cell's difference as a fraction of it, None where unknown): 'rounding' at most
+    the bound, 'beyond' past it, 'exact' for no difference at all; the first cell, the row's name."""
+    def colour(fraction):
+        if fraction is None:
+            return ""
+        return "exact" if fraction == 0 else "rounding" if fraction <= 1 else "beyond"
+    return [[(row[0], ""), *((cell, colour(fraction)) for cell, fraction in zip(row[1:], row_fractions))]
+            for row, row_fractions in zip(rows, fractions)]
 
 
 def format_value(value):

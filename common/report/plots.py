@@ -1,6 +1,6 @@
 """The run's plots, each as PNG and SVG (report.html inlines the SVG): the chapter's training curves
-and how far the implementations drift apart; for compare.py --evaluate, the matrix of checkpoints
-evaluated across the implementations."""
+and how far the implementations drift apart; for evaluate, the matrix of checkpoints evaluated
+across the implementations; for export, the matrix of checkpoints deployed every way."""
 
 import os
 
@@ -9,17 +9,23 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
-from matplotlib.colors import LogNorm  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 
 from common.files import atomic_path  # noqa: E402
+from common.report import console  # noqa: E402
+from common.report.bounds import float32_bounds  # noqa: E402
 
 CURVES = "curves"          # .png and .svg
 DIVERGENCE = "divergence"  # .png and .svg
-EVALUATION = "evaluation"  # .png and .svg: compare.py --evaluate's matrix
-STEMS = (CURVES, DIVERGENCE, EVALUATION)
+EVALUATION = "evaluation"  # .png and .svg: evaluate's matrix
+DEPLOYMENT = "deployment"  # .png and .svg: export's matrix
+STEMS = (CURVES, DIVERGENCE, EVALUATION, DEPLOYMENT)
 SUFFIXES = (".png", ".svg")
 # Where a difference is exactly 0, a log-scale plot shows it at this floor instead.
 LOG_FLOOR = 1e-17
+# A matrix's colour scale starts here: a thousandth of a cell's float32 bound, or less, is all alike.
+FRACTION_FLOOR = 1e-3
 
 
 def save(figure, out, stem):
@@ -91,35 +97,51 @@ def plot_divergence(results, out):
 
 
 def plot_evaluation(results, out):
-    """compare.py --evaluate's matrix as a heat map: rows where each model was trained, columns where
-    it was evaluated; the colour the largest logit difference from its own implementation's (log
-    scale), each cell's text the test accuracy above that difference."""
+    """evaluate's matrix as a heat map: rows where each model was trained, columns where it was
+    evaluated (plot_matrix)."""
     evaluation = results["evaluation"]
-    rows, columns = evaluation["rows"], evaluation["columns"]
-    figure, axis = plt.subplots(figsize=(1.6 * len(columns) + 3, 0.7 * len(rows) + 2), constrained_layout=True)
-    # Exact zeros (the diagonal) drawn a decade below the smallest difference that is not zero.
-    nonzero = [value for row in evaluation["max_abs_logit_diff"] for value in row if value > 0]
-    floor = min(nonzero) / 10 if nonzero else LOG_FLOOR
-    differences = [[max(value, floor) for value in row] for row in evaluation["max_abs_logit_diff"]]
-    largest = max(max(row) for row in differences)
+    return plot_matrix(out, EVALUATION, evaluation["rows"], evaluation["columns"], evaluation["test_acc"],
+                       evaluation["max_abs_logit_diff"], console.evaluation_fractions(results, float32_bounds()),
+                       "evaluated in", "trained in",
+                       "Test accuracy, and largest logit difference from where it was trained")
+
+
+def plot_deployment(results, out):
+    """export's matrix as a heat map: a row per artefact, a column per checkpoint (plot_matrix)."""
+    deployment = results["deployment"]
+    transposed = [list(row) for row in zip(*deployment["test_acc"])], [list(row) for row in
+                                                                       zip(*deployment["max_abs_logit_diff"])]
+    return plot_matrix(out, DEPLOYMENT, deployment["columns"], deployment["rows"], *transposed,
+                       console.deployment_fractions(results, float32_bounds()), "checkpoint (trained in)",
+                       "deployed as", "Test accuracy, and largest logit difference from the trained model's own")
+
+
+def plot_matrix(out, stem, rows, columns, accuracies, differences, fractions, xlabel, ylabel, title):
+    """A matrix of test accuracies and largest logit differences as a heat map, each cell coloured
+    by its difference as a fraction of its float32 bound (tests/tolerances.py), on a log scale:
+    greens up to the bound (float32's rounding), reds beyond it, grey where there is no cell or no
+    bound; its text, the accuracy above the difference."""
+    logs = np.ma.masked_invalid([[np.nan if fraction is None else np.log10(max(fraction, FRACTION_FLOOR))
+                                  for fraction in row] for row in fractions])
+    colours = plt.get_cmap("RdYlGn_r").copy()
+    colours.set_bad("#d0d7de")
+    figure, axis = plt.subplots(figsize=(1.6 * len(columns) + 3.5, 0.6 * len(rows) + 2), constrained_layout=True)
     # Cells drawn as vector shapes (imshow would embed a raster image, which the page's policy refuses).
     image = axis.pcolormesh([index - 0.5 for index in range(len(columns) + 1)],
-                            [index - 0.5 for index in range(len(rows) + 1)], differences, cmap="viridis",
-                            norm=LogNorm(vmin=floor, vmax=max(largest, 10 * floor)))
-    axis.set_aspect("equal")
+                            [index - 0.5 for index in range(len(rows) + 1)], logs, cmap=colours,
+                            norm=TwoSlopeNorm(vmin=np.log10(FRACTION_FLOOR), vcenter=0, vmax=1))
     axis.invert_yaxis()
-    for row_index, (accuracies, row) in enumerate(zip(evaluation["test_acc"], evaluation["max_abs_logit_diff"])):
-        for column_index, (accuracy, difference) in enumerate(zip(accuracies, row)):
-            # Light text on the dark end of viridis, dark on the light end.
-            dark = differences[row_index][column_index] < (floor * largest) ** 0.5
-            text = f"{accuracy:.4f}\n{difference:.1e}" if difference else f"{accuracy:.4f}\n0"
-            axis.text(column_index, row_index, text, ha="center", va="center",
-                      fontsize=8, color="white" if dark else "black")
+    for row_index, (row_accuracies, row_differences) in enumerate(zip(accuracies, differences)):
+        for column_index, (accuracy, difference) in enumerate(zip(row_accuracies, row_differences)):
+            text = "not run" if accuracy is None else f"{accuracy:.4f}\n{difference:.1e}" if difference else \
+                f"{accuracy:.4f}\n0"
+            axis.text(column_index, row_index, text, ha="center", va="center", fontsize=8, color="black")
     axis.set_xticks(range(len(columns)), columns, rotation=30, ha="right")
     axis.set_yticks(range(len(rows)), rows)
-    axis.set_xlabel("evaluated in")
-    axis.set_ylabel("trained in")
-    colorbar = figure.colorbar(image, ax=axis, label=f"largest |logit difference| (0 drawn at {floor:.0e})")
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    colorbar = figure.colorbar(image, ax=axis, label="largest |logit difference| / its float32 bound")
+    colorbar.set_ticks([-3, -2, -1, 0, 1], labels=["≤ 0.001", "0.01", "0.1", "1 (the bound)", "10"])
     colorbar.solids.set_rasterized(False)  # its gradient, too, as shapes
-    axis.set_title("Test accuracy, and largest logit difference from where it was trained")
-    return save(figure, out, EVALUATION)
+    axis.set_title(title)
+    return save(figure, out, stem)

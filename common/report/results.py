@@ -29,11 +29,13 @@ def environment(devices):
 
 def write_all(results, out):
     """Plots first, then report.html, results.json last: its presence means the run completed. A
-    training run's plots are its curves and drift; compare.py --evaluate's, its matrix."""
+    training run's plots are its curves and drift; evaluate's and export's, their matrices."""
     paths = []
     if "runs" in results:
         paths += plots.plot_curves(results, out) + plots.plot_divergence(results, out)
     if "evaluation" in results:
         paths += plots.plot_evaluation(results, out)
+    if "deployment" in results:
+        paths += plots.plot_deployment(results, out)
     paths.append(page.write(out, results=results))
     return [write_json(os.path.join(out, RESULTS), results), *paths]

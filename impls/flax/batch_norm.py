@@ -96,8 +96,10 @@ def check_input(X, num_features, num_dims, training):
 class BatchNorm(nnx.Module):
     """The chapter's scratch layer; gamma and beta are trained, the moving statistics are state."""
 
-    def __init__(self, num_features, num_dims, *, axis_name=None, param_dtype=jnp.float32):
+    def __init__(self, num_features, num_dims, *, axis_name=None, param_dtype=jnp.float32, eps=EPS):
         self.num_features, self.num_dims = num_features, num_dims
+        # A plain attribute, as nnx.BatchNorm's epsilon: nnx.state(model) does not carry it.
+        self.eps = eps
         # The mesh axis whose workers' batches are normalised together, as for nnx.BatchNorm; None: this one.
         self.axis_name = axis_name
         self.gamma = nnx.Param(jnp.ones(num_features, param_dtype))
@@ -114,7 +116,7 @@ class BatchNorm(nnx.Module):
         check_input(X, self.num_features, self.num_dims, training)
         Y, moving_mean, moving_var = batch_norm(
             X, self.gamma[...], self.beta[...], self.moving_mean[...], self.moving_var[...],
-            eps=EPS, momentum=MOMENTUM, training=training, axis_name=self.axis_name, mask=mask)
+            eps=self.eps, momentum=MOMENTUM, training=training, axis_name=self.axis_name, mask=mask)
         if training:
             self.moving_mean[...], self.moving_var[...] = moving_mean, moving_var
         return Y

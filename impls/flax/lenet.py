@@ -14,21 +14,38 @@ from impls.flax.batch_norm import EPS, MOMENTUM, BatchNorm, builtin_momentum
 from impls.flax.cpu_conv import conv_general_dilated
 
 NORMS = ("scratch", "builtin")
+# A LeNet for inference whose batch norm was folded into the layers before it (deploy.py).
+FOLDED = "folded"
 
 
-def make_batch_norm(norm, num_features, num_dims, dtype, param_dtype, axis_name=None):
+def make_batch_norm(norm, num_features, num_dims, dtype, param_dtype, axis_name=None, eps=EPS):
     """The chapter's scratch layer, or Flax's own set to the same momentum, eps and variance; with
-    a mesh axis, each normalises over the batches of all its workers together."""
+    a mesh axis, each normalises over the batches of all its workers together. FOLDED: what is
+    left of a layer folded into the one before it, its input as it is."""
+    if norm == FOLDED:
+        return Folded()
     if norm == "scratch":
         # Its output comes in its input's type, its statistics in param_dtype's (see batch_norm).
-        return BatchNorm(num_features, num_dims, axis_name=axis_name, param_dtype=param_dtype)
+        return BatchNorm(num_features, num_dims, axis_name=axis_name, param_dtype=param_dtype, eps=eps)
     # The same class synchronises its statistics when given the axis (lax.pmean over it).
     # nnx.BatchNorm computes E[x^2] - E[x]^2 by default; the two-pass variance matches the others.
     # Its batch statistics are float32 whatever `dtype`, its output's type; promote_input_only keeps
     # its scale, bias and running statistics in theirs too.
-    return nnx.BatchNorm(num_features, momentum=builtin_momentum(MOMENTUM), epsilon=EPS, use_fast_variance=False,
+    return nnx.BatchNorm(num_features, momentum=builtin_momentum(MOMENTUM), epsilon=eps, use_fast_variance=False,
                          axis_name=axis_name, dtype=dtype, param_dtype=param_dtype,
                          promote_dtype=promote_input_only, rngs=nnx.Rngs(0))
+
+
+class Folded(nnx.Module):
+    """A batch-norm layer folded into the layer before it: its input, as it is. Always in inference,
+    as LeNet reads the mode off its first batch-norm layer (nn.Identity in PyTorch, which reads it
+    off the model)."""
+
+    def __init__(self):
+        self.use_running_average = True
+
+    def __call__(self, X, *, mask=None):
+        return X
 
 
 def promote_input_only(arrays, *, dtype=None, inexact=True):
@@ -52,14 +69,14 @@ def check_batch(X, training):
 
 
 class LeNet(nnx.Module):
-    def __init__(self, norm="scratch", param_dtype=jnp.float32, dtype=None, axis_name=None):
-        if norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    def __init__(self, norm="scratch", param_dtype=jnp.float32, dtype=None, axis_name=None, eps=EPS):
+        if norm not in (*NORMS, FOLDED):
+            raise ValueError(f"norm must be one of {(*NORMS, FOLDED)}, got {norm!r}")
         self.norm = norm
         # Mixed precision, Flax's way: each layer stores its parameters in param_dtype and computes
         # in `dtype` (bfloat16), casting its inputs and parameters itself. None: in their own type.
         self.param_dtype = param_dtype
-        bn_options = dict(dtype=dtype, param_dtype=param_dtype, axis_name=axis_name)
+        bn_options = dict(dtype=dtype, param_dtype=param_dtype, axis_name=axis_name, eps=eps)
         # Flax layers need a random key even though build_lenet overwrites every value.
         rngs = nnx.Rngs(0)
         layer_dtypes = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -133,7 +150,7 @@ def from_flax_layout(canonical_key, value):
     return value
 
 
-def build_lenet(weights, norm="scratch", device=None, axis_name=None, compute_dtype=None):
+def build_lenet(weights, norm="scratch", device=None, axis_name=None, compute_dtype=None, eps=EPS):
     """A LeNet holding the canonical weights, in their dtype, on `device` (default: JAX's); with a
     mesh axis, its batch norm normalises over the batches of all the axis' workers together.
     compute_dtype 'bfloat16': mixed precision (Flax's dtype); None: everything in the weights' dtype."""
@@ -141,7 +158,7 @@ def build_lenet(weights, norm="scratch", device=None, axis_name=None, compute_dt
     dtype = None if compute_dtype is None else jnp.dtype(compute_dtype)
     # The model's structure alone (nnx.eval_shape): the random initial values that Flax's layers
     # would compute, each initialiser a small compiled program, are replaced by the canonical ones.
-    model = nnx.eval_shape(lambda: LeNet(norm, param_dtype=param_dtype, dtype=dtype, axis_name=axis_name))
+    model = nnx.eval_shape(lambda: LeNet(norm, param_dtype=param_dtype, dtype=dtype, axis_name=axis_name, eps=eps))
     for key in WEIGHT_NAMES:
         value = np.ascontiguousarray(to_flax_layout(key, weights[key]))
         # set_value replaces the array, dtype included: nnx.BatchNorm creates its running

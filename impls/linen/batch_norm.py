@@ -29,6 +29,8 @@ class BatchNorm(nn.Module):
     # The mesh axis whose workers' batches are normalised together, as for linen.BatchNorm; None: this one.
     axis_name: str | None = None
     param_dtype: Any = jnp.float32
+    # A field of the module, as linen.BatchNorm's epsilon: the variables do not carry it.
+    eps: float = EPS
     # Linen chooses the mode at each call, or here, as linen.BatchNorm does (NNX: model.train()/.eval()).
     use_running_average: bool | None = None
 
@@ -44,7 +46,7 @@ class BatchNorm(nn.Module):
         axis_name = None if self.is_initializing() else self.axis_name
         Y, new_mean, new_var = batch_norm(
             X, gamma, beta, moving_mean.value, moving_var.value,
-            eps=EPS, momentum=MOMENTUM, training=training, axis_name=axis_name, mask=mask)
+            eps=self.eps, momentum=MOMENTUM, training=training, axis_name=axis_name, mask=mask)
         if training and not self.is_initializing():
             # Written into the 'batch_stats' collection that apply() was told is mutable, and
             # returned from it: the caller threads it into the next step.

@@ -19,21 +19,33 @@ from impls.flax.lenet import check_batch, from_flax_layout, to_flax_layout
 from impls.linen.batch_norm import EPS, MOMENTUM, BatchNorm, builtin_momentum
 
 NORMS = ("scratch", "builtin")
+# A LeNet for inference whose batch norm was folded into the layers before it (deploy.py).
+FOLDED = "folded"
 
 
-def make_batch_norm(norm, num_features, num_dims, dtype, param_dtype, axis_name=None):
+def make_batch_norm(norm, num_features, num_dims, dtype, param_dtype, axis_name=None, eps=EPS):
     """The chapter's scratch layer, or Flax's own set to the same momentum, eps and variance; with
-    a mesh axis, each normalises over the batches of all its workers together."""
+    a mesh axis, each normalises over the batches of all its workers together. FOLDED: what is
+    left of a layer folded into the one before it, its input as it is."""
+    if norm == FOLDED:
+        return Folded()
     if norm == "scratch":
         # Its output comes in its input's type, its statistics in param_dtype's (see batch_norm).
-        return BatchNorm(num_features, num_dims, axis_name=axis_name, param_dtype=param_dtype)
+        return BatchNorm(num_features, num_dims, axis_name=axis_name, param_dtype=param_dtype, eps=eps)
     # The same class synchronises its statistics when given the axis (lax.pmean over it). It reads
     # the number of features from its input, where NNX's is told them.
     # linen.BatchNorm computes E[x^2] - E[x]^2 by default; the two-pass variance matches the others.
     # Its batch statistics are float32 whatever `dtype`, its output's type, and its scale, bias and
     # running statistics stay in theirs (force_float32_reductions), where NNX's needs telling.
-    return nn.BatchNorm(momentum=builtin_momentum(MOMENTUM), epsilon=EPS, use_fast_variance=False,
+    return nn.BatchNorm(momentum=builtin_momentum(MOMENTUM), epsilon=eps, use_fast_variance=False,
                         axis_name=axis_name, dtype=dtype, param_dtype=param_dtype)
+
+
+class Folded(nn.Module):
+    """A batch-norm layer folded into the layer before it: its input, as it is, whatever the mode."""
+
+    def __call__(self, X, use_running_average=None, *, mask=None):
+        return X
 
 
 class LeNet(nn.Module):
@@ -43,11 +55,12 @@ class LeNet(nn.Module):
     param_dtype: Any = jnp.float32
     dtype: Any = None
     axis_name: str | None = None
+    eps: float = EPS
 
     def setup(self):
-        if self.norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
-        bn_options = dict(dtype=self.dtype, param_dtype=self.param_dtype, axis_name=self.axis_name)
+        if self.norm not in (*NORMS, FOLDED):
+            raise ValueError(f"norm must be one of {(*NORMS, FOLDED)}, got {self.norm!r}")
+        bn_options = dict(dtype=self.dtype, param_dtype=self.param_dtype, axis_name=self.axis_name, eps=self.eps)
         layer_dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         # XLA's convolution; on the CPU, rewritten into one that XLA:CPU computes faster (cpu_conv.py).
         conv_options = dict(padding="VALID", conv_general_dilated=conv_general_dilated, **layer_dtypes)
@@ -118,13 +131,13 @@ def variable_path(norm, canonical_key):
     return "params", layer, "kernel" if field == "weight" else field
 
 
-def build_lenet(weights, norm="scratch", device=None, axis_name=None, compute_dtype=None):
+def build_lenet(weights, norm="scratch", device=None, axis_name=None, compute_dtype=None, eps=EPS):
     """A LeNet holding the canonical weights, in their dtype, on `device` (default: JAX's); with a
     mesh axis, its batch norm normalises over the batches of all the axis' workers together.
     compute_dtype 'bfloat16': mixed precision (Flax's dtype); None: everything in the weights' dtype."""
     param_dtype = weights["conv1.weight"].dtype
     dtype = None if compute_dtype is None else jnp.dtype(compute_dtype)
-    module = LeNet(norm, param_dtype=param_dtype, dtype=dtype, axis_name=axis_name)
+    module = LeNet(norm, param_dtype=param_dtype, dtype=dtype, axis_name=axis_name, eps=eps)
     # Linen users call module.init(key, example) for random variables; these are the canonical ones.
     variables = {"params": {}, "batch_stats": {}}
     for key in WEIGHT_NAMES:

@@ -100,9 +100,11 @@ def check_input(X, num_features, num_dims, training):
 class BatchNorm(nn.Module):
     """The chapter's scratch layer; gamma and beta are trained, the moving statistics are state."""
 
-    def __init__(self, num_features, num_dims, process_group=None):
+    def __init__(self, num_features, num_dims, process_group=None, eps=EPS):
         super().__init__()
         self.num_features, self.num_dims = num_features, num_dims
+        # A plain attribute, as nn.BatchNorm's eps: a state_dict does not carry it.
+        self.eps = eps
         # The workers whose batches are normalised together, as for nn.SyncBatchNorm; None: this one.
         self.process_group = process_group
         self.gamma = nn.Parameter(torch.ones(num_features))
@@ -117,7 +119,7 @@ class BatchNorm(nn.Module):
         # model.train() / model.eval() choose the mode, as for nn.BatchNorm2d.
         Y, moving_mean, moving_var = batch_norm(
             X, self.gamma, self.beta, self.moving_mean, self.moving_var,
-            eps=EPS, momentum=MOMENTUM, training=self.training, process_group=self.process_group)
+            eps=self.eps, momentum=MOMENTUM, training=self.training, process_group=self.process_group)
         if self.training:
             # In place, as nn.BatchNorm2d updates its buffers: they keep their memory, which
             # a CUDA graph (the fast path on a GPU) reads and writes at every replay.

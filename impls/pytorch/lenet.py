@@ -13,13 +13,18 @@ from common.init import BATCH_NORM_LAYERS, WEIGHT_NAMES
 from impls.pytorch.batch_norm import EPS, MOMENTUM, BatchNorm, builtin_momentum
 
 NORMS = ("scratch", "builtin")
+# A LeNet for inference whose batch norm was folded into the layers before it (deploy.py).
+FOLDED = "folded"
 
 
-def make_batch_norm(norm, num_features, num_dims, dtype, process_group=None):
+def make_batch_norm(norm, num_features, num_dims, dtype, process_group=None, eps=EPS):
     """The chapter's scratch layer, or PyTorch's own set to the same momentum and eps; with a
-    process group, each normalises over the batches of all its workers together."""
+    process group, each normalises over the batches of all its workers together. FOLDED: what is
+    left of a layer folded into the one before it, its input as it is."""
+    if norm == FOLDED:
+        return nn.Identity()
     if norm == "scratch":
-        return BatchNorm(num_features, num_dims, process_group).to(dtype)
+        return BatchNorm(num_features, num_dims, process_group, eps=eps).to(dtype)
     # Synchronised statistics take another class (the layer nn.SyncBatchNorm.convert_sync_batchnorm
     # would put in its place), for 2-D and 4-D input alike.
     builtin = nn.BatchNorm2d if num_dims == 4 else nn.BatchNorm1d
@@ -27,7 +32,7 @@ def make_batch_norm(norm, num_features, num_dims, dtype, process_group=None):
     if process_group is not None:
         builtin, extra = nn.SyncBatchNorm, {"process_group": process_group}
     # PyTorch's momentum weighs the new batch: builtin_momentum gives 1 - 0.9 for the chapter's 0.9.
-    return builtin(num_features, eps=EPS, momentum=builtin_momentum(MOMENTUM), dtype=dtype, **extra)
+    return builtin(num_features, eps=eps, momentum=builtin_momentum(MOMENTUM), dtype=dtype, **extra)
 
 
 
@@ -42,16 +47,16 @@ def check_batch(X, training):
 
 
 class LeNet(nn.Module):
-    def __init__(self, norm="scratch", dtype=torch.float32, process_group=None, autocast_dtype=None):
+    def __init__(self, norm="scratch", dtype=torch.float32, process_group=None, autocast_dtype=None, eps=EPS):
         super().__init__()
-        if norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        if norm not in (*NORMS, FOLDED):
+            raise ValueError(f"norm must be one of {(*NORMS, FOLDED)}, got {norm!r}")
         self.norm = norm
         # Mixed precision, PyTorch's way: the parameters stay in `dtype`, and torch.autocast runs
         # each operation on its lists in autocast_dtype (convolutions, matrix products) or float32,
         # the rest in its inputs' type. None: everything in `dtype`.
         self.autocast_dtype = autocast_dtype
-        bn_options = dict(dtype=dtype, process_group=process_group)
+        bn_options = dict(dtype=dtype, process_group=process_group, eps=eps)
         self.conv1 = nn.Conv2d(1, 6, kernel_size=5, dtype=dtype)
         self.bn1 = make_batch_norm(norm, 6, num_dims=4, **bn_options)
         self.conv2 = nn.Conv2d(6, 16, kernel_size=5, dtype=dtype)
@@ -94,13 +99,13 @@ def state_dict_key(canonical_key, norm):
     return f"{layer}.{field}"
 
 
-def build_lenet(weights, norm="scratch", device="cpu", process_group=None, compute_dtype=None):
+def build_lenet(weights, norm="scratch", device="cpu", process_group=None, compute_dtype=None, eps=EPS):
     """A LeNet holding the canonical weights, in their dtype, on `device`; with a process group,
     its batch norm normalises over the batches of all the group's workers together. compute_dtype
     'bfloat16': mixed precision (torch.autocast); None: everything in the weights' dtype."""
     dtype = torch.from_numpy(weights["conv1.weight"]).dtype
     autocast_dtype = None if compute_dtype is None else getattr(torch, compute_dtype)
-    model = LeNet(norm, dtype=dtype, process_group=process_group, autocast_dtype=autocast_dtype)
+    model = LeNet(norm, dtype=dtype, process_group=process_group, autocast_dtype=autocast_dtype, eps=eps)
     state = {state_dict_key(key, norm): torch.from_numpy(np.array(weights[key])) for key in WEIGHT_NAMES}
     if norm == "builtin":
         # nn.BatchNorm also counts the batches it has seen; unused with a fixed momentum.

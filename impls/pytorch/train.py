@@ -37,6 +37,9 @@ def allow_tf32(enabled):
     products (nn.Linear) in IEEE float32; JAX uses TF32 for both. So compare.py decides for both
     frameworks alike: IEEE float32 unless --tf32."""
     precision = "tf32" if enabled else "ieee"
+    # cuDNN's older switch too, set first: torch.export reads it, and it raises once the newer
+    # setting says IEEE for convolutions while RNNs keep their default, TF32 (pytorch/pytorch#179445).
+    torch.backends.cudnn.allow_tf32 = enabled
     torch.backends.cudnn.conv.fp32_precision = precision
     torch.backends.cuda.matmul.fp32_precision = precision
     if not enabled:
