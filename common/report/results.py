@@ -21,7 +21,8 @@ def environment(devices):
             return version(name)
         except PackageNotFoundError:
             return None
-    packages = {name: package_version(name) for name in ("numpy", "torch", "jax", "jaxlib", "flax", "optax")}
+    packages = {name: package_version(name) for name in ("numpy", "torch", "jax", "jaxlib", "flax", "optax", "onnx",
+                                                          "onnxscript", "onnxruntime")}
     return {"python": platform.python_version(), **packages,
             "devices": {framework: registry.training(framework).device_description(device)
                         for framework, device in devices.items()}}
