@@ -12,19 +12,18 @@ to do with the models it trains.
     python compare.py export runs/X         # each trained model folded, exported, run by ONNX Runtime
 
 This file is the command line alone: its flags become a Settings (common/drivers/settings.py), which
-common/drivers/modes.py runs. SIGINT and SIGTERM stop any command in one line, with exit status 130
-or 143, leaving nothing half-written and no process behind.
+common/drivers/commands.py runs. SIGINT and SIGTERM stop any command in one line, with exit status
+130 or 143, leaving nothing half-written and no process behind (common/drivers/stopping.py).
 """
 
 import argparse
 import dataclasses
 import math
-import signal
+import os
 import sys
 
-from common.drivers import modes
 from common.drivers.settings import COMMANDS, MODES, PRECISIONS, Settings, SettingsError, checked
-from common.drivers.stopping import Stopped
+from common.drivers.stopping import Stopped, stops_cleanly
 from common.launch import DataParallelError, launch_environment
 from impls.registry import IMPLEMENTATIONS, parse_implementations
 
@@ -232,17 +231,21 @@ def parse_args(argv=None):
 def main(argv=None):
     settings = None
     try:
-        settings = parse_args(argv)
-        return modes.run(settings)
-    except KeyboardInterrupt as stop:
-        # SIGINT or SIGTERM (common.drivers.stopping.Stopped; a bare KeyboardInterrupt came before the
-        # handlers were set).
-        signum = stop.signum if isinstance(stop, Stopped) else signal.SIGINT
+        with stops_cleanly():
+            settings = parse_args(argv)
+            # Imported here, within the clean stop: the driving code imports PyTorch's and JAX's
+            # neighbours (matplotlib, tqdm, the exporters' registry) for a second or two.
+            from common.drivers import commands  # noqa: PLC0415
+            return commands.run(settings)
+    except Stopped as stop:
+        status, signum = stop.exit_status, stop.signum
     # Said once the except block has let go of the run's frames, and with them of its progress bars,
-    # each closed by now. One may have left its line unfinished: the message starts its own.
-    line_start = "\n" if settings is not None and settings.progress else ""
-    print(f"{line_start}stopped by {signum.name}: nothing written", file=sys.stderr)
-    return 128 + signum
+    # each closed by now; under torchrun, by worker 0 alone. A progress bar may have left its line
+    # unfinished: the message starts its own.
+    if os.environ.get("RANK", "0") == "0":
+        line_start = "\n" if settings is not None and settings.progress else ""
+        print(f"{line_start}stopped by {signum.name}: nothing written", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

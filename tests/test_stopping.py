@@ -82,17 +82,24 @@ def wait_until_under_way(process, stderr_path, command, out):
     signal finds it writing. Returns the pipe's read end for page, else None."""
     deadline = time.monotonic() + RUN_TIMEOUT_S
     if command == "page":
-        reader = os.open(out / "report.html.partial", os.O_RDONLY | os.O_NONBLOCK)
-        while not select.select([reader], [], [], 0.2)[0]:
-            assert process.poll() is None, f"compare.py ended early:\n{stderr_path.read_text()}"
-            assert time.monotonic() < deadline, "the page was never written"
-        assert os.read(reader, 15) == b"<!DOCTYPE html>"
-        return reader
+        return reading(out / "report.html.partial", b"<!DOCTYPE html>", process, stderr_path)
     while not re.search(UNDER_WAY.format(re.escape(BAR[command])), stderr_path.read_text()):
         assert process.poll() is None, f"compare.py ended early:\n{stderr_path.read_text()}"
         assert time.monotonic() < deadline, "the run never got under way"
         time.sleep(0.05)
     return None
+
+
+def reading(fifo, start, process, stderr_path):
+    """The read end of the FIFO the run writes a file into, once the run has written `start` there:
+    the pipe then fills and the run waits, writing, for the signal. Returns the read end."""
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    while not select.select([reader], [], [], 0.2)[0]:
+        assert process.poll() is None, f"compare.py ended early:\n{stderr_path.read_text()}"
+        assert time.monotonic() < deadline, f"{fifo.name} was never written"
+    assert os.read(reader, len(start)) == start
+    return reader
 
 
 @pytest.mark.parametrize("signum", SIGNALS, ids=[signum.name for signum in SIGNALS])
@@ -132,6 +139,35 @@ def test_a_signal_stops_every_command_cleanly(command, signum, tmp_path):
     assert not left, f"processes of the run outlived it: {left}"
     # Nothing half-written, and nothing of an earlier run that would pass for this one's.
     assert sorted(path.name for path in out.iterdir()) == [], sorted(out.rglob("*"))
+
+
+def test_a_run_stopped_as_it_writes_its_page_leaves_none_of_what_it_wrote(tmp_path):
+    """SIGTERM to a training run as it writes report.html, after its checkpoints and plots and
+    before results.json: what it had written goes with it (outputs.discard_unfinished), so that
+    nothing in --out passes for a finished run's, and the message, nothing written, holds."""
+    out, stderr_path = tmp_path / "out", tmp_path / "stderr"
+    out.mkdir()
+    os.mkfifo(out / "report.html.partial")  # the page's temporary file: a pipe, left full
+    with open(stderr_path, "w") as stderr:
+        process = subprocess.Popen([sys.executable, "compare.py", "train", "--impls", "torch-scratch", "--epochs", "1",
+                                    "--max-batches", "2", "--batch-size", "64", "--device", "cpu", "--no-progress",
+                                    "--out", str(out)], cwd=REPO, env=ENVIRONMENT, stdout=subprocess.DEVNULL,
+                                   stderr=stderr, start_new_session=True)
+        reader = None
+        try:
+            reader = reading(out / "report.html.partial", b"<!DOCTYPE html>", process, stderr_path)
+            assert {"checkpoints", "curves.png", "divergence.svg"} <= {path.name for path in out.iterdir()}
+            os.kill(process.pid, signal.SIGTERM)
+            returncode = process.wait(timeout=120)
+        finally:
+            if reader is not None:
+                os.close(reader)
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+    assert returncode == 143, stderr_path.read_text()
+    assert stderr_path.read_text().rstrip().splitlines()[-1] == "stopped by SIGTERM: nothing written"
+    assert sorted(out.iterdir()) == []
 
 
 def test_a_killed_worker_is_named_with_its_signal(tmp_path):

@@ -29,6 +29,10 @@ OUTPUTS = {
 }
 
 
+# The output folders this process has cleared, and so begun to write into: {folder: command}.
+STARTED = {}
+
+
 def clear(out, command):
     """Remove from `out` what an earlier run left there that `command` would write or that would
     pass for its record; make `out` if it is not there. A folder that cannot be written ends the
@@ -43,3 +47,12 @@ def clear(out, command):
                 os.remove(path)
     except OSError as error:
         sys.exit(f"error: --out {out}: cannot write there: {error.strerror}")
+    STARTED[os.path.abspath(out)] = command
+
+
+def discard_unfinished(out, command):
+    """What a run of `command` stopped midway had written into `out`: removed, where this process
+    had begun to write there (everything of those names is then this run's: clear removed the
+    earlier run's); nothing, where it had not."""
+    if STARTED.get(os.path.abspath(out)) == command:
+        clear(out, command)

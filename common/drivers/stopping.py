@@ -48,7 +48,20 @@ def stops_cleanly():
     except KeyboardInterrupt:
         raise Stopped(signal.SIGINT) from None
     finally:
-        end_child_processes()
+        with signals_ignored():
+            end_child_processes()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def signals_ignored():
+    """Within the block, SIGINT and SIGTERM are ignored: a second Ctrl-C must not stop the clean-up
+    that the first began. The handlers before it come back after it."""
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in SIGNALS}
+    try:
+        yield
+    finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
