@@ -133,8 +133,15 @@ def load(path):
 
 def check_metadata(path, metadata):
     """The metadata, if what a run reads back from it is well formed: the steps the model trained (a
-    count that --init goes on from) and its running variance's convention."""
-    steps, running_var = metadata.get("steps"), metadata.get("running_var")
+    count that --init goes on from), its running variance's convention and its eps."""
+    steps, running_var, eps = metadata.get("steps"), metadata.get("running_var"), metadata.get("eps")
+    if eps is not None:
+        try:
+            positive = float(eps) > 0
+        except ValueError:
+            positive = False
+        if not positive:
+            raise CheckpointError(f"{path}: metadata 'eps' is {eps!r}, expected a positive number")
     if steps is not None and not steps.isdigit():
         raise CheckpointError(f"{path}: metadata 'steps' is {steps!r}, expected a whole number")
     if running_var is not None and running_var not in RUNNING_VARIANCES:

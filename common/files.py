@@ -20,6 +20,9 @@ def atomic_path(path):
     if it ends with an error (an interrupt included)."""
     path = os.fspath(path)
     temporary = path + PARTIAL
+    if os.path.isdir(temporary):
+        # A folder a killed run began (SIGKILL unwinds nothing): what it holds is not this run's.
+        shutil.rmtree(temporary)
     try:
         yield temporary
         os.replace(temporary, path)

@@ -119,7 +119,7 @@ class DeployPart(Protocol):
 
     def fold_batch_norm(self, model): ...                     # an inference model without batch norm; ValueError
     def export_program(self, model, path, example): ...       # the inference program, batch dynamic; ValueError
-    def load_program(self, path): ...                         # -> a function of a numpy batch to numpy logits
+    def load_program(self, path, device): ...                 # -> a function of a numpy batch to numpy logits
     def program_operations(self, path): ...                   # {operation: count} of a saved program
 
 

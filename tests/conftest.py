@@ -18,12 +18,13 @@ use_host_devices(4)
 # pytest-xdist's workers (pyproject.toml: -n auto) take whole groups of tests: a module, with its
 # module-scoped fixtures (tests/test_compare.py's shared runs), or all the modules that share the
 # trained trajectories below, which one worker then computes once. Groups go to the workers in this
-# order, the longest first (measured on the 2-core machine, 2026-12-04: about 120 s of the suite's
-# 450 s for test_compare, 170 s for the trajectories' modules, 80 s for test_stopping), then the
-# rest in file order.
+# order, then the rest in file order: the two longest first, one to each worker (measured on the
+# 2-core machine, 2026-12-04, alone: about 120 s for test_compare, 210 s for the trajectories'
+# modules), and test_stopping (120 s) after two mid-sized ones: xdist hands each worker its second
+# group at once, and test_stopping there would wait behind test_compare.
 TESTS = Path(__file__).resolve().parent
 SHARING_TRAJECTORIES = {path.name for path in TESTS.glob("test_*.py") if "trajectories_float" in path.read_text()}
-LONGEST_FIRST = ("test_compare.py", "trajectories", "test_stopping.py", "test_options.py", "test_fast_paths.py")
+LONGEST_FIRST = ("test_compare.py", "trajectories", "test_options.py", "test_fast_paths.py", "test_stopping.py")
 MAX_WORKERS = 4  # -n auto on a larger machine: more workers than long groups would only wait and hold memory
 
 
@@ -46,7 +47,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 def pytest_xdist_make_scheduler(config, log):
     """xdist's scheduling by scope, a scope being group_of's group (its built-in --dist loadgroup
-    reads a node id that pytest 9.2 no longer lets it change)."""
+    reads a node id that pytest 9.2 no longer lets it change). _split_scope is the method xdist's
+    own scope schedulers override: not a public interface, pinned by pyproject's pytest-xdist range."""
     from xdist.scheduler import LoadScopeScheduling
 
     class GroupScheduling(LoadScopeScheduling):

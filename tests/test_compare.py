@@ -881,7 +881,7 @@ def test_device_cuda_without_a_gpu(tmp_path):
     import jax
     import torch
     if torch.cuda.is_available() and jax.default_backend() == "gpu":
-        pytest.skip("both frameworks see a CUDA GPU here, so --device cuda is valid")
+        pytest.skip("PyTorch and JAX both see a CUDA GPU here, so --device cuda is valid")
     out = tmp_path / "out"
     # Tiny settings, so that a bug which trains anyway does not train for minutes.
     process = run_compare("--device", "cuda", "--epochs", 1, "--max-batches", 1, "--no-progress", out=out, timeout=120)

@@ -69,7 +69,9 @@ def run(settings):
         sys.exit(f"error: {error}")
     stop_workers(started)
     bench_report.print_table(results)
-    print(f"\nwrote {bench_report.write(results, settings.out)}, {page.write(settings.out, bench=results)}")
+    # The page first, bench.json last: the record's presence means the run completed.
+    page_path = page.write(settings.out, bench=results)
+    print(f"\nwrote {bench_report.write(results, settings.out)}, {page_path}")
     return 0
 
 

@@ -35,6 +35,12 @@ class Checkpoint:
         return next((name for name, its in IMPLEMENTATIONS.items() if its == (framework, norm)), None)
 
     @property
+    def eps(self):
+        """The model's batch-norm eps, where the checkpoint says it (this project's do), else None: a
+        Python float of each layer, which no state_dict or Flax state carries."""
+        return float(self.metadata["eps"]) if "eps" in self.metadata else None
+
+    @property
     def label(self):
         """Its name in a table: the implementation a canonical file names, else the file's name."""
         if self.format == "safetensors" and self.metadata.get("implementation"):

@@ -111,42 +111,75 @@ def run(settings):
         sys.exit(f"error: export: {error}")
     _, _, test_images, test_labels = data_or_exit(settings)
     outputs.clear(settings.out, "export")
-    columns = len(artefact_names()) + 1
-    timings = (3 + columns) * len(THROUGHPUT_BATCHES) * (1 + settings.repeats)
-    rows = []
-    # The folder whole or not at all: an interrupted run leaves no export/ that passes for a finished one.
-    with atomic_path(os.path.join(settings.out, FOLDER)) as folder, \
-            tqdm(total=len(read) * columns + timings, desc="exporting", unit="step",
-                 disable=not settings.progress) as progress:
-        for checkpoint in read:
-            dtype = checkpoint.weights["conv1.weight"].dtype
-            artefacts, eager = deploy_checkpoint(checkpoint, os.path.join(folder, checkpoint.label), test_images[:2])
-            rows.append({**evaluate_row(artefacts, test_images, test_labels, settings.batch_size, dtype, progress),
-                         "artefacts": artefacts})
-            if len(rows) == 1:
-                # Measured on the first checkpoint's artefacts: the weights change no time.
-                throughput = measure_throughput(artefacts, eager, test_images, dtype, settings.repeats, progress)
+    # Throughput is measured on the first float32 checkpoint's artefacts (the weights change no time;
+    # ONNX Runtime runs float32 alone), else on the first checkpoint's.
+    timed = next((index for index, checkpoint in enumerate(read) if dtype_of(checkpoint) == np.float32), 0)
+    columns = 1 + len(artefact_names())
+    measured = len(FRAMEWORKS) + sum(1 for name in artefact_names() if runs_in(name[2], dtype_of(read[timed])))
+    steps = len(read) * columns + measured * len(THROUGHPUT_BATCHES) * (1 + settings.repeats)
+    rows, labels = [], unique_labels([checkpoint.label for checkpoint in read])
+    try:
+        # The folder whole or not at all: an interrupted run leaves no export/ that passes for a finished one.
+        with atomic_path(os.path.join(settings.out, FOLDER)) as folder, \
+                tqdm(total=steps, desc="exporting", unit="step", disable=not settings.progress) as progress:
+            for index, (checkpoint, label) in enumerate(zip(read, labels)):
+                artefacts, eager = deploy_checkpoint(checkpoint, os.path.join(folder, label), test_images[:2])
+                rows.append({**evaluate_row(artefacts, test_images, test_labels, settings.batch_size,
+                                            dtype_of(checkpoint), progress), "artefacts": artefacts})
+                if index == timed:
+                    throughput = measure_throughput(artefacts, eager, test_images, dtype_of(checkpoint),
+                                                    settings.repeats, progress)
+    except ExportError as error:
+        sys.exit(f"error: export: {error}")
+    except OSError as error:
+        sys.exit(f"error: --out {settings.out}: cannot write there: {error.strerror}")
     results = {"config": {"export": list(settings.paths), "batch_size": settings.batch_size,
                           "repeats": settings.repeats, "device": "cpu"},
                "environment": saved_results.environment(devices_used()),
-               "deployment": deployment_results(read, rows, throughput)}
+               "deployment": deployment_results(read, labels, rows, throughput, timed)}
     console.print_deployment(results)
     paths = saved_results.write_all(results, settings.out)
     print(f"\nwrote {os.path.join(settings.out, FOLDER)}/, {', '.join(paths)}")
     return 0
 
 
+def dtype_of(checkpoint):
+    return checkpoint.weights["conv1.weight"].dtype
+
+
+def runs_in(kind, dtype):
+    """Whether an artefact of this kind runs for a model of this dtype (ONNX Runtime: float32 alone)."""
+    return kind != "onnx" or dtype == np.float32
+
+
+def unique_labels(labels):
+    """The checkpoints' labels, each its own: a second 'torch-scratch' (another run's) is 'torch-scratch-2'.
+    Each names its folder of artefacts and its column of the matrix."""
+    seen, unique = Counter(), []
+    for label in labels:
+        seen[label] += 1
+        unique.append(label if seen[label] == 1 else f"{label}-{seen[label]}")
+    return unique
+
+
 def devices_used():
     return {framework: registry.training(framework).select_device("cpu") for framework in FRAMEWORKS}
 
 
-def deployment_results(read, rows, throughput):
-    """The matrix as results.json keeps it: rows the checkpoints, columns the artefacts."""
+def source_of(checkpoint):
+    """(the implementation whose eager inference is the reference, whether it was assumed): the one
+    the checkpoint was trained in, where it says; else the first, as evaluate assumes (its --impls')."""
+    return (checkpoint.source, False) if checkpoint.source else (next(iter(IMPLEMENTATIONS)), True)
+
+
+def deployment_results(read, labels, rows, throughput, timed):
+    """The matrix as results.json keeps it: a row per checkpoint, a column per artefact."""
     columns = [artefact.name for artefact in rows[0]["artefacts"]]
     return {
-        "rows": [checkpoint.label for checkpoint in read],
-        "sources": [checkpoint.source or next(iter(IMPLEMENTATIONS)) for checkpoint in read],
-        "dtypes": [checkpoint.weights["conv1.weight"].dtype.name for checkpoint in read],
+        "rows": labels,
+        "sources": [source_of(checkpoint)[0] for checkpoint in read],
+        "sources_assumed": [source_of(checkpoint)[1] for checkpoint in read],
+        "dtypes": [dtype_of(checkpoint).name for checkpoint in read],
         "files": [checkpoint.path for checkpoint in read],
         "columns": columns,
         "column_frameworks": [artefact.framework for artefact in rows[0]["artefacts"]],
@@ -157,11 +190,11 @@ def deployment_results(read, rows, throughput):
         "not_run": [row["not_run"] for row in rows],
         "artefacts": [{artefact.name: os.path.join(FOLDER, label, os.path.basename(artefact.path))
                        for artefact in row["artefacts"] if artefact.path}
-                      for label, row in zip((checkpoint.label for checkpoint in read), rows)],
+                      for label, row in zip(labels, rows)],
         # What batch norm left in each exported graph.
         "operations": [{artefact.name: artefact.operations for artefact in row["artefacts"]
                         if artefact.operations is not None} for row in rows],
-        "throughput": throughput,
+        "throughput": {**throughput, "checkpoint": labels[timed]},
     }
 
 
@@ -170,13 +203,14 @@ def deploy_checkpoint(checkpoint, folder, example_images):
     of artefact_names(), each exported file written into `folder` and loaded back in its runtime;
     {framework: its eager inference}, for the throughput's ratios)."""
     os.makedirs(folder, exist_ok=True)
-    source = checkpoint.source or next(iter(IMPLEMENTATIONS))
-    norm = IMPLEMENTATIONS[source].norm
-    dtype = checkpoint.weights["conv1.weight"].dtype
+    source, _ = source_of(checkpoint)
+    norm, dtype = IMPLEMENTATIONS[source].norm, dtype_of(checkpoint)
+    # The model's own eps, where its checkpoint says it: folded and exported as it is (pytorch/ao#4107).
+    options = {} if checkpoint.eps is None else {"eps": checkpoint.eps}
     models, eager = {}, {}
     for framework, (title, _) in FRAMEWORKS.items():
         train, deploy = registry.training(framework), registry.deploy(framework)
-        model = train.build_lenet(checkpoint.weights, norm, train.select_device("cpu", dtype))
+        model = train.build_lenet(checkpoint.weights, norm, train.select_device("cpu", dtype), **options)
         model.eval()
         models[framework] = {False: model, True: deploy.fold_batch_norm(model)}
         eager[framework] = Artefact(f"{title}, eager", framework, "eager", False,
@@ -194,8 +228,8 @@ def deploy_checkpoint(checkpoint, folder, example_images):
             artefact.path = deploy.export_program(model, stem + deploy.PROGRAM_SUFFIX, example)
             artefact.operations = checked_operations(artefact, deploy.program_operations(artefact.path),
                                                      deploy.BATCH_NORM_OPERATIONS, deploy.BATCH_STATISTICS_OPERATIONS)
-            artefact.predict = deploy.load_program(artefact.path)
-        elif dtype == np.float64:
+            artefact.predict = deploy.load_program(artefact.path, train.select_device("cpu", dtype))
+        elif not runs_in(kind, dtype):
             artefact.not_run = FLOAT64_IN_ONNX_RUNTIME
         else:
             artefact.path = deploy.export_onnx(model, stem + ONNX_SUFFIX, example)

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.data import num_batches, shard_bounds
+from common.data import EXPECTED, TRAIN_LABELS, num_batches, shard_bounds
 from impls.registry import IMPLEMENTATIONS, runs_on
 
-TRAIN_EXAMPLES = 60000  # Fashion-MNIST's training set
+TRAIN_EXAMPLES = EXPECTED[TRAIN_LABELS][0]  # Fashion-MNIST's training set: 60,000
 COMMANDS = ("train", "evaluate", "bench", "page", "export")
 MODES = ("eager", "compiled")
 # --dtype: (the parameters', optimizer's and batch-norm statistics' dtype, the computation's where it
@@ -51,8 +51,9 @@ class Settings:
     running_var: str = "keep"          # with init: 'keep' the moving variances or 'convert' them
     # evaluate, export
     paths: tuple = ()                  # checkpoints: files, or folders of them
-    # bench (and export's throughput)
+    # bench
     batches: int = 50                  # batches per timed repeat
+    # bench, and export's throughput
     repeats: int = 5                   # timed repeats; the median is reported
 
     @property

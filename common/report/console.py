@@ -116,8 +116,9 @@ def evaluation_fractions(results, bounds):
     """Each cell's difference as a fraction of the float32 bound of a moved model, in
     evaluation_rows' layout; None where the bound is unknown."""
     evaluation = results["evaluation"]
-    return [[fraction_of_bound(difference, bounds.get(PORTED), magnitude) for difference in row]
-            for row, magnitude in zip(evaluation["max_abs_logit_diff"], evaluation["source_max_abs_logit"])]
+    return [[fraction_of_bound(difference, float32_only(bounds.get(PORTED), dtype), magnitude) for difference in row]
+            for row, magnitude, dtype in zip(evaluation["max_abs_logit_diff"], evaluation["source_max_abs_logit"],
+                                             evaluation["dtypes"])]
 
 
 def print_evaluation(results):
@@ -166,13 +167,20 @@ def deployment_rows(results):
 
 def deployment_fractions(results, bounds):
     """Each cell's difference as a fraction of its float32 bound, in deployment_rows' layout (a row
-    per artefact); None where the cell did not run or its bound is unknown."""
+    per artefact); None where the cell did not run or its bound is unknown (a float64 model's cells
+    are held to no float32 bound)."""
     deployment = results["deployment"]
     return [[None if deployment["test_acc"][row][column] is None else
-             fraction_of_bound(deployment["max_abs_logit_diff"][row][column], deployment_bound(kind, bounds),
+             fraction_of_bound(deployment["max_abs_logit_diff"][row][column],
+                               float32_only(deployment_bound(kind, bounds), deployment["dtypes"][row]),
                                deployment["source_max_abs_logit"][row])
              for row in range(len(deployment["rows"]))]
             for column, kind in enumerate(deployment["column_kinds"])]
+
+
+def float32_only(bound, dtype):
+    """A float32 bound for a float32 model; none for another."""
+    return bound if dtype == "float32" else None
 
 
 def operation_rows(results):
@@ -183,12 +191,18 @@ def operation_rows(results):
     for index, source in enumerate(deployment["sources"]):
         firsts.setdefault(IMPLEMENTATIONS[source].norm, index)
     header = ("exported graph", *(deployment["rows"][index] for index in firsts.values()))
-    names = list(deployment["operations"][0])
-    rows = [(name, *(", ".join(f"{operation} x{count}" for operation, count in
-                               deployment["operations"][index][name].items()) or "none"
-                     for index in firsts.values()))
+    # Every exported column, in the matrix's order; one a checkpoint did not run (ONNX, in float64) says so.
+    names = [name for name in deployment["columns"] if any(name in operations for operations in
+                                                           deployment["operations"])]
+    rows = [(name, *(operation_cell(deployment["operations"][index].get(name)) for index in firsts.values()))
             for name in names]
     return header, rows
+
+
+def operation_cell(operations):
+    if operations is None:
+        return "not run"
+    return ", ".join(f"{operation} x{count}" for operation, count in operations.items()) or "none"
 
 
 def throughput_rows(results):
@@ -210,9 +224,11 @@ def print_deployment(results):
     print("largest |logits - the eager logits of the implementation it was trained in|\n")
     print(table(*deployment_rows(results)))
     print()
-    for label, source, dtype, path, not_run in zip(deployment["rows"], deployment["sources"], deployment["dtypes"],
-                                                   deployment["files"], deployment["not_run"]):
-        print(f"  {label}: {path}, {dtype}, its own logits from {source}")
+    for label, source, assumed, dtype, path, not_run in zip(
+            deployment["rows"], deployment["sources"], deployment["sources_assumed"], deployment["dtypes"],
+            deployment["files"], deployment["not_run"]):
+        print(f"  {label}: {path}, {dtype}, its own logits from {source}"
+              f"{' (assumed: the file does not say where it was trained)' if assumed else ''}")
         for name, reason in not_run.items():
             print(f"    {name}: not run: {reason}")
     print(f"\n{bound_verdict(results, float32_bounds())}")
@@ -221,7 +237,7 @@ def print_deployment(results):
     for name, *cells in rows:
         print(f"  {name}: {' | '.join(cells)}")
     throughput = deployment["throughput"]
-    print(f"\nInference throughput of {deployment['rows'][0]}'s artefacts, examples/sec (x its framework's eager "
+    print(f"\nInference throughput of {throughput['checkpoint']}'s artefacts, examples/sec (x its framework's eager "
           f"inference at that batch size; median of {throughput['repeats']} repeats, warm-up apart):\n")
     print(table(*throughput_rows(results)))
 

@@ -43,6 +43,8 @@ EPS_FIELD = {"scratch": "eps", "builtin": "epsilon"}
 
 def check_inference(model):
     """Refuse a model in training mode: what jax.export captures is one function, of one mode."""
+    # An NNX model has no mode of its own: model.eval() sets each layer's use_running_average, and
+    # LeNet reads its first batch-norm layer's, as its forward pass does.
     if not model.bn1.use_running_average:
         raise ValueError("the model is in training mode, whose batch norm normalises with each batch's "
                          "statistics and updates the moving ones: call model.eval() before folding or exporting")
@@ -103,12 +105,13 @@ def write_program(predict, path, example):
     return str(path)
 
 
-def load_program(path):
-    """The saved program, back, as a function of a numpy batch (NHWC) to numpy logits."""
+def load_program(path, device):
+    """The saved program, back, on `device`, as a function of a numpy batch (NHWC) to numpy logits."""
     exported = jax.export.deserialize(bytearray(Path(path).read_bytes()))
 
     def predict(images):
-        return np.asarray(exported.call(images))
+        # The program runs where its input is: numpy alone would go to JAX's default device.
+        return np.asarray(exported.call(jax.device_put(images, device)))
     return predict
 
 

@@ -37,9 +37,9 @@ def make_batch_norm(norm, num_features, num_dims, dtype, param_dtype, axis_name=
 
 
 class Folded(nnx.Module):
-    """A batch-norm layer folded into the layer before it: its input, as it is. Always in inference,
-    as LeNet reads the mode off its first batch-norm layer (nn.Identity in PyTorch, which reads it
-    off the model)."""
+    """A batch-norm layer folded into the layer before it: its input, as it is. It keeps the attribute
+    that model.train() and .eval() set, since LeNet reads the mode off its first batch-norm layer
+    (PyTorch's LeNet reads it off the model: nn.Identity needs none)."""
 
     def __init__(self):
         self.use_running_average = True

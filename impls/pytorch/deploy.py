@@ -83,13 +83,13 @@ def export_program(model, path, example):
     return str(path)
 
 
-def load_program(path):
-    """The saved program, back, as a function of a numpy batch (NCHW) to numpy logits."""
-    module = torch.export.load(path).module()
+def load_program(path, device):
+    """The saved program, back, on `device`, as a function of a numpy batch (NCHW) to numpy logits."""
+    module = torch.export.load(path).module().to(device)
 
     def predict(images):
         with torch.no_grad():
-            return module(torch.from_numpy(images)).numpy()
+            return module(torch.from_numpy(images).to(device)).cpu().numpy()
     return predict
 
 
