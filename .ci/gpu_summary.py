@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import time
+from collections import Counter
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -26,6 +27,11 @@ NOT_RUN = "not run: no time left"  # what .ci/gpu writes into a step's log when 
 ENDINGS = {"0": "passed", "124": "stopped at its limit ({limit} s)", "137": "killed after its limit ({limit} s)",
            "-": NOT_RUN}
 PYTEST_COUNTS = ("passed", "failed", "errors", "error", "skipped", "deselected", "xfailed", "xpassed")
+# pytest -v's line per test, as it ends: under xdist "[gw3] [ 41%] FAILED tests/a.py::name", in one
+# process "tests/a.py::name FAILED [ 41%]". A suite stopped at its limit prints no short summary.
+VERBOSE_OUTCOME = re.compile(
+    r"^(?:\[gw\d+\] \[ *\d+%\] (?P<xdist_outcome>[A-Z]+) (?P<xdist_test>tests/.+?)"
+    r"|(?P<test>tests/.+?) (?P<outcome>[A-Z]+) +\[ *\d+%\]) *$", re.M)
 
 
 def installed(name):
@@ -86,7 +92,7 @@ def suite_lines(logs):
         return [f"Tests: {NOT_RUN}."]
     finals = re.findall(r"^=+ (.*\b(?:passed|failed|error|errors|skipped|deselected)\b.*) in ([\d.]+)s", text, re.M)
     if not finals:
-        return ["Tests: pytest wrote no result line (stopped before its end): see suite.log."]
+        return stopped_suite_lines(text)
     counts_text, seconds = finals[-1]
     counts = dict((word, int(number)) for number, word in re.findall(r"(\d+) (\w+)", counts_text))
     said = ", ".join(f"{counts[word]} {word}" for word in PYTEST_COUNTS if word in counts)
@@ -99,6 +105,22 @@ def suite_lines(logs):
     lines += [f"- `{line}`" for line in outcomes[:20]]
     if len(outcomes) > 20:
         lines.append(f"- ... and {len(outcomes) - 20} more (suite.log)")
+    return lines
+
+
+def stopped_suite_lines(text):
+    """What a suite stopped before its result line had done, from pytest -v's line per test."""
+    outcomes = [(match["xdist_outcome"] or match["outcome"], match["xdist_test"] or match["test"])
+                for match in VERBOSE_OUTCOME.finditer(text)]
+    if not outcomes:
+        return ["Tests: pytest wrote no result line (stopped before its end): see suite.log."]
+    counts = Counter(outcome for outcome, _ in outcomes)
+    said = ", ".join(f"{count} {outcome.lower()}" for outcome, count in counts.most_common())
+    lines = [f"Tests: stopped before pytest's result line, after {said} (its line per test): see suite.log."]
+    named = [f"{outcome} {test}" for outcome, test in outcomes if outcome in ("FAILED", "ERROR", "XPASS")]
+    lines += [f"- `{line}`" for line in named[:20]]
+    if len(named) > 20:
+        lines.append(f"- ... and {len(named) - 20} more (suite.log)")
     return lines
 
 
