@@ -12,6 +12,7 @@ thousand images and model, and 36 pairs over the whole test set would take minut
 """
 
 import copy
+import os
 import re
 import shutil
 from pathlib import Path
@@ -421,6 +422,14 @@ def empty_folder(folder):
     return folder / "empty"
 
 
+def a_run_not_there(folder):
+    """runs/X, as the README writes it, beside two runs with checkpoints, the second written later."""
+    for age, run in enumerate(("newer", "older")):
+        (folder / "runs" / run / "checkpoints").mkdir(parents=True)
+        os.utime(folder / "runs" / run, (1e9 - age, 1e9 - age))
+    return folder / "runs" / "X"
+
+
 BAD_INPUT = {
     "missing tensor": (lambda folder: canonical_file(folder, lambda weights: weights.pop("bn2.moving_var")),
                        r"tensor 'bn2\.moving_var' is missing: expected shape \(16,\)"),
@@ -463,7 +472,9 @@ BAD_INPUT = {
                                    r"metadata 'steps' is 'ten', expected a whole number"),
     "an unknown running variance": (lambda folder: canonical_file(folder, metadata={"running_var": "sample"}),
                                     r"metadata 'running_var' is 'sample', expected one of biased, unbiased"),
-    "no such file": (lambda folder: folder / "missing.safetensors", r"no such file or folder"),
+    "no such file": (lambda folder: folder / "missing.safetensors", r"no such file or folder$"),
+    "a run that is not there": (a_run_not_there, r"X: no such file or folder \(the newest run there with "
+                                                 r"checkpoints: .*/runs/newer\)$"),
     "a folder without checkpoints": (empty_folder, r"a folder without \.safetensors checkpoints"),
 }
 

@@ -82,7 +82,7 @@ def read(path):
     folder of NNX or Linen (each framework's checkpoint.py says which is its own)."""
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise CheckpointError(f"{path}: no such file or folder")
+        raise CheckpointError(f"{path}: no such file or folder{latest_run_beside(path)}")
     if os.path.isfile(path) and (path.endswith(SUFFIX) or is_safetensors(path)):
         weights, metadata = load(path)
         return Checkpoint(path, weights, check_metadata(path, metadata), "safetensors")
@@ -93,6 +93,19 @@ def read(path):
             return Checkpoint(path, weights, check_metadata(path, metadata), framework)
     raise CheckpointError(f"{path}: not a checkpoint: expected a {SUFFIX} file, a PyTorch state_dict (torch.save) "
                           "or an Orbax checkpoint folder of NNX or Linen")
+
+
+def latest_run_beside(path):
+    """For a path that does not exist: the newest run beside it that holds checkpoints (runs/X in the
+    README's commands stands for a run's folder, named by its date and time), as a hint, or ""."""
+    parent = os.path.dirname(os.path.normpath(path)) or os.curdir
+    try:
+        runs = [entry.path for entry in os.scandir(parent) if os.path.isdir(os.path.join(entry.path, FOLDER))]
+    except OSError:
+        return ""
+    if not runs:
+        return ""
+    return f" (the newest run there with checkpoints: {max(runs, key=os.path.getmtime)})"
 
 
 def checkpoint_paths(path):
