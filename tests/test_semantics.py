@@ -25,7 +25,7 @@ from impls.pytorch import train as torch_train
 from tests.conftest import FLOAT64_TRAJECTORY_BATCH, TRAJECTORY_STEPS
 from tests.layers import LAYERS, numpy_batch_norm, to_nhwc
 from tests.support import build, inputs
-from tests.tolerances import FLOAT64_PASS, FLOAT64_TRAJECTORY, assert_close
+from tests.tolerances import FLOAT64_PASS, assert_close
 
 RNG = np.random.default_rng(42)
 BATCH_2D = 3.0 + 2.0 * RNG.standard_normal((32, 5))

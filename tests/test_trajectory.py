@@ -4,7 +4,6 @@ per-step loss, parameters and moving statistics compared."""
 
 import itertools
 
-import numpy as np
 import pytest
 
 from tests.conftest import TRAJECTORY_STEPS
