@@ -102,16 +102,18 @@ def add_common_flags(parser, batch_size_help="examples per batch"):
                              "products to TensorFloat-32 (faster, less exact); by default both compute "
                              "IEEE float32 (their own defaults differ: PyTorch uses TF32 in convolutions "
                              "only, JAX in both)")
-    add_data_flag(parser)
-    add_out_flag(parser)
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    add_data_and_output_flags(parser)
 
 
-def add_data_flag(parser):
+def add_data_and_output_flags(parser):
+    """What every command that reads Fashion-MNIST takes: where the data is, where to write, and
+    whether to show progress bars."""
     parser.add_argument("--data-dir", default=None,
                         help="folder holding the four Fashion-MNIST files (.gz or not); default: search "
                              "$FASHION_MNIST_DIR, /usr/share/datasets/fashion-mnist, the user cache, "
                              "then download")
+    add_out_flag(parser)
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
 def add_out_flag(parser):
@@ -200,9 +202,7 @@ def build_parser():
     export.add_argument("--batch-size", type=positive_int, default=256, help="examples per evaluation batch")
     export.add_argument("--repeats", type=positive_int, default=5,
                         help="timed repeats of each throughput; the median is reported")
-    add_data_flag(export)
-    add_out_flag(export)
-    export.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    add_data_and_output_flags(export)
     return parser, commands.choices
 
 

@@ -132,7 +132,7 @@ def run(settings):
     except ExportError as error:
         sys.exit(f"error: export: {error}")
     except OSError as error:
-        sys.exit(f"error: --out {settings.out}: cannot write there: {error.strerror}")
+        sys.exit(outputs.unwritable(settings.out, error))
     results = {"config": {"export": list(settings.paths), "batch_size": settings.batch_size,
                           "repeats": settings.repeats, "device": "cpu"},
                "environment": saved_results.environment(devices_used()),

@@ -46,8 +46,13 @@ def clear(out, command):
             elif os.path.lexists(path):
                 os.remove(path)
     except OSError as error:
-        sys.exit(f"error: --out {out}: cannot write there: {error.strerror}")
+        sys.exit(unwritable(out, error))
     STARTED[os.path.abspath(out)] = command
+
+
+def unwritable(out, error):
+    """The one line that ends a run whose output folder `out` could not be written (an OSError)."""
+    return f"error: --out {out}: cannot write there: {error.strerror}"
 
 
 def discard_unfinished(out, command):

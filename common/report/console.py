@@ -107,8 +107,7 @@ def evaluation_rows(results):
     rows = []
     for label, accuracies, differences in zip(evaluation["rows"], evaluation["test_acc"],
                                               evaluation["max_abs_logit_diff"]):
-        rows.append((label, *(f"{accuracy:.4f} / {difference:.1e}" if difference else f"{accuracy:.4f} / 0"
-                              for accuracy, difference in zip(accuracies, differences))))
+        rows.append((label, *map(matrix_cell, accuracies, differences)))
     return header, rows
 
 
@@ -142,11 +141,12 @@ def table(header, rows):
     return "\n".join(lines)
 
 
-def matrix_cell(accuracy, difference):
-    """One cell of a matrix: 'test accuracy / largest logit difference'."""
+def matrix_cell(accuracy, difference, separator=" / "):
+    """One cell of a matrix: 'test accuracy / largest logit difference' (a heat map's: one above the
+    other); 'not run' for a cell that did not run."""
     if accuracy is None:
         return "not run"
-    return f"{accuracy:.4f} / {difference:.1e}" if difference else f"{accuracy:.4f} / 0"
+    return f"{accuracy:.4f}{separator}{difference:.1e}" if difference else f"{accuracy:.4f}{separator}0"
 
 
 def deployment_bound(kind, bounds):

@@ -133,9 +133,8 @@ def plot_matrix(out, stem, rows, columns, accuracies, differences, fractions, xl
     axis.invert_yaxis()
     for row_index, (row_accuracies, row_differences) in enumerate(zip(accuracies, differences)):
         for column_index, (accuracy, difference) in enumerate(zip(row_accuracies, row_differences)):
-            text = "not run" if accuracy is None else f"{accuracy:.4f}\n{difference:.1e}" if difference else \
-                f"{accuracy:.4f}\n0"
-            axis.text(column_index, row_index, text, ha="center", va="center", fontsize=8, color="black")
+            axis.text(column_index, row_index, console.matrix_cell(accuracy, difference, separator="\n"),
+                      ha="center", va="center", fontsize=8, color="black")
     axis.set_xticks(range(len(columns)), columns, rotation=30, ha="right")
     axis.set_yticks(range(len(rows)), rows)
     axis.set_xlabel(xlabel)
