@@ -37,12 +37,14 @@ def pytest_xdist_auto_num_workers(config):
     return max(1, min(os.cpu_count() or 1, MAX_WORKERS))
 
 
+# The cores this process's tests have: its share among pytest-xdist's workers (all of them without).
+CORES_PER_WORKER = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # A worker's share of the cores for PyTorch's threads: its OpenMP threads spin while they wait,
-    # and more of them than cores, across the workers, slowed the whole suite (2-core machine, two
-    # workers, 2026-12-04: 8:06 with PyTorch's default of a thread per core in each, 7:24 with one).
+    # PyTorch's threads, a worker's share: its OpenMP threads spin while they wait, and more of them
+    # than cores, across the workers, slowed the whole suite (2-core machine, two workers,
+    # 2026-12-04: 8:06 with PyTorch's default of a thread per core in each, 7:24 with one).
     import torch
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+    torch.set_num_threads(CORES_PER_WORKER)
 
 
 def pytest_xdist_make_scheduler(config, log):

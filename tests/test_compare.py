@@ -38,6 +38,7 @@ from common.report import page
 from impls import registry
 from impls.registry import IMPLEMENTATIONS
 from tests.browser import open_page, start_chromium
+from tests.conftest import CORES_PER_WORKER
 from tests.tolerances import FLOAT32_DEPLOYED_LOGITS, FLOAT32_PORTED_LOGITS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -229,7 +230,7 @@ SHARED_RUNS = {
 # Each run keeps to about one (OMP_NUM_THREADS=1 above): measured on the 2-core machine on
 # 2026-11-27, this module alone took 186 s with two at a time, 351 s with one run after another;
 # on 2026-12-04, the whole suite on two workers 7:24 with two at a time here, 6:52 with one.
-RUNS_AT_ONCE = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+RUNS_AT_ONCE = CORES_PER_WORKER
 
 
 class SharedRuns:

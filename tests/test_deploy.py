@@ -56,10 +56,9 @@ def as_input(train, images, dtype):
 
 
 def eager_logits(train, model, images, dtype):
-    """The model's inference in its framework, eager (the reference every artefact is held to)."""
-    device = train.select_device("cpu", dtype)
-    return train.to_numpy(train.predict(model, train.to_device(as_input(train, images, dtype), np.zeros(0, np.int64),
-                                                               device, dtype)[0]))
+    """The model's inference in its framework, eager (the reference every artefact is held to), as
+    compare.py export computes it."""
+    return deployment.eager_predictor(train.FRAMEWORK, model, dtype)(as_input(train, images, dtype))
 
 
 def trained(name, trajectories, **options):

@@ -8,6 +8,7 @@ workers and multiprocessing's resource tracker included. Each run has a session 
 (start_new_session), so that its processes are found wherever they were reparented.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -102,6 +103,24 @@ def reading(fifo, start, process, stderr_path):
     return reader
 
 
+@contextlib.contextmanager
+def compare_py(arguments, stderr_path):
+    """compare.py with `arguments`, in a session of its own, its stderr into stderr_path. Whatever
+    the block ends with, a run still alive then is killed, with every process of its session: a
+    failed assertion leaves nothing running. Yields (the process, an ExitStack for what the block
+    opens, closed before the kill: a FIFO's read end)."""
+    with open(stderr_path, "w") as stderr:
+        process = subprocess.Popen([sys.executable, "compare.py", *map(str, arguments)], cwd=REPO, env=ENVIRONMENT,
+                                   stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+        try:
+            with contextlib.ExitStack() as opened:
+                yield process, opened
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
 @pytest.mark.parametrize("signum", SIGNALS, ids=[signum.name for signum in SIGNALS])
 @pytest.mark.parametrize("command", [pytest.param(command, marks=pytest.mark.deploy) if command == "export" else command
                                      for command in COMMANDS])
@@ -111,27 +130,18 @@ def test_a_signal_stops_every_command_cleanly(command, signum, tmp_path):
     earlier_outputs(out, command)
     if command == "page":
         os.mkfifo(out / "report.html.partial")
-    with open(stderr_path, "w") as stderr:
-        process = subprocess.Popen([sys.executable, "compare.py", *arguments(tmp_path), "--out", str(out)],
-                                   cwd=REPO, env=ENVIRONMENT, stdout=subprocess.DEVNULL, stderr=stderr,
-                                   start_new_session=True)
-        reader = None
-        try:
-            reader = wait_until_under_way(process, stderr_path, command, out)
-            running = processes_in_session(process.pid)
-            if started == "workers":
-                assert len(spawned_workers(process.pid)) == 2, running
-            elif started == "dataloader":
-                assert len(running) >= 6, running  # itself, the fork server, 4 workers (and the resource tracker)
-            os.kill(process.pid, signum)
-            returncode = process.wait(timeout=120)
-            left = processes_left(process.pid)
-        finally:
-            if reader is not None:
-                os.close(reader)
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+    with compare_py([*arguments(tmp_path), "--out", out], stderr_path) as (process, opened):
+        reader = wait_until_under_way(process, stderr_path, command, out)
+        if reader is not None:
+            opened.callback(os.close, reader)
+        running = processes_in_session(process.pid)
+        if started == "workers":
+            assert len(spawned_workers(process.pid)) == 2, running
+        elif started == "dataloader":
+            assert len(running) >= 6, running  # itself, the fork server, 4 workers (and the resource tracker)
+        os.kill(process.pid, signum)
+        returncode = process.wait(timeout=120)
+        left = processes_left(process.pid)
     stderr = stderr_path.read_text()
     assert returncode == 128 + signum, stderr
     assert stderr.rstrip().splitlines()[-1] == f"stopped by {signum.name}: nothing written", stderr
@@ -148,23 +158,12 @@ def test_a_run_stopped_as_it_writes_its_page_leaves_none_of_what_it_wrote(tmp_pa
     out, stderr_path = tmp_path / "out", tmp_path / "stderr"
     out.mkdir()
     os.mkfifo(out / "report.html.partial")  # the page's temporary file: a pipe, left full
-    with open(stderr_path, "w") as stderr:
-        process = subprocess.Popen([sys.executable, "compare.py", "train", "--impls", "torch-scratch", "--epochs", "1",
-                                    "--max-batches", "2", "--batch-size", "64", "--device", "cpu", "--no-progress",
-                                    "--out", str(out)], cwd=REPO, env=ENVIRONMENT, stdout=subprocess.DEVNULL,
-                                   stderr=stderr, start_new_session=True)
-        reader = None
-        try:
-            reader = reading(out / "report.html.partial", b"<!DOCTYPE html>", process, stderr_path)
-            assert {"checkpoints", "curves.png", "divergence.svg"} <= {path.name for path in out.iterdir()}
-            os.kill(process.pid, signal.SIGTERM)
-            returncode = process.wait(timeout=120)
-        finally:
-            if reader is not None:
-                os.close(reader)
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+    with compare_py(["train", "--impls", "torch-scratch", "--epochs", 1, "--max-batches", 2, "--batch-size", 64,
+                     "--device", "cpu", "--no-progress", "--out", out], stderr_path) as (process, opened):
+        opened.callback(os.close, reading(out / "report.html.partial", b"<!DOCTYPE html>", process, stderr_path))
+        assert {"checkpoints", "curves.png", "divergence.svg"} <= {path.name for path in out.iterdir()}
+        os.kill(process.pid, signal.SIGTERM)
+        returncode = process.wait(timeout=120)
     assert returncode == 143, stderr_path.read_text()
     assert stderr_path.read_text().rstrip().splitlines()[-1] == "stopped by SIGTERM: nothing written"
     assert sorted(out.iterdir()) == []
@@ -177,25 +176,17 @@ def test_a_killed_worker_is_named_with_its_signal(tmp_path):
     process of the run left."""
     out = tmp_path / "out"
     stderr_path = tmp_path / "stderr"
-    with open(stderr_path, "w") as stderr:
-        # One full epoch (235 batches of 256), progress bars on: it cannot end before the kill lands.
-        process = subprocess.Popen([sys.executable, "compare.py", "--device", "cpu", "--data-parallel", "2",
-                                    "--impls", "torch-scratch", "--epochs", "1", "--out", str(out)],
-                                   cwd=REPO, env=ENVIRONMENT, stdout=subprocess.DEVNULL, stderr=stderr,
-                                   start_new_session=True)
-        try:
-            # Worker 0's bar past its first step: both workers are in the training loop (a step
-            # all-reduces with worker 1), past the point where each made its progress bar.
-            wait_until_under_way(process, stderr_path, "train --data-parallel 2", out)
-            workers = spawned_workers(process.pid)
-            assert len(workers) == 2, workers
-            os.kill(workers[1], signal.SIGKILL)
-            returncode = process.wait(timeout=120)
-            left = processes_left(process.pid)
-        finally:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+    # One full epoch (235 batches of 256), progress bars on: it cannot end before the kill lands.
+    with compare_py(["--device", "cpu", "--data-parallel", 2, "--impls", "torch-scratch", "--epochs", 1,
+                     "--out", out], stderr_path) as (process, _):
+        # Worker 0's bar past its first step: both workers are in the training loop (a step
+        # all-reduces with worker 1), past the point where each made its progress bar.
+        wait_until_under_way(process, stderr_path, "train --data-parallel 2", out)
+        workers = spawned_workers(process.pid)
+        assert len(workers) == 2, workers
+        os.kill(workers[1], signal.SIGKILL)
+        returncode = process.wait(timeout=120)
+        left = processes_left(process.pid)
     stderr = stderr_path.read_text()
     assert returncode == 1
     assert stderr.rstrip().splitlines()[-1] == (
